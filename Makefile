@@ -1,0 +1,30 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench-fanout clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check xds_server tests bench
+	$(BIN)/pytest -q
+
+demo: $(STAMP)
+	$(BIN)/xds-server demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check xds_server tests bench
+	$(BIN)/ruff format --check xds_server tests bench
+
+bench-fanout: $(STAMP)
+	$(BIN)/python bench/fanout.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
