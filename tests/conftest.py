@@ -1,0 +1,30 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+from xds_server.cache import SnapshotCache
+from xds_server.clients import ClientRegistry
+from xds_server.server import DiscoveryServices, start_grpc_server
+
+
+class RunningServer:
+    def __init__(self, cache: SnapshotCache, registry: ClientRegistry, port: int) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.target = f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def xds():
+    """A discovery server on an ephemeral port over an empty cache."""
+    cache = SnapshotCache()
+    registry = ClientRegistry()
+    server, port = await start_grpc_server(
+        DiscoveryServices(cache, registry).handlers(), "127.0.0.1", 0
+    )
+    try:
+        yield RunningServer(cache, registry, port)
+    finally:
+        await server.stop(grace=None)
