@@ -18,4 +18,9 @@ ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 #: (EDS, RDS) are requested by name and may be sent one changed resource at a time.
 FULL_STATE: Final = frozenset({CLUSTER, LISTENER})
 
-SHORT_NAMES: Final = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes"}
+SHORT_NAMES: Final = {
+    CLUSTER: "clusters",
+    ENDPOINT: "endpoints",
+    LISTENER: "listeners",
+    ROUTE: "routes",
+}
