@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xds_server import typeurls
+from xds_server.cache import GroupSnapshot
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class TypeStatus:
     sent_at: float = 0.0
     acked_version: str = ""
     acked_at: float = 0.0
+    synced_version: str = ""  # snapshot version at which nothing was pending for this client
     last_nack: Nack | None = None
     responses: int = 0
     subscribed: list[str] | None = None  # None: wildcard
@@ -59,7 +61,18 @@ class Client:
             found = self.types[type_url] = TypeStatus()
         return found
 
-    def to_json(self) -> dict[str, Any]:
+    def in_sync(self, group: GroupSnapshot) -> bool:
+        """Every type it asked for has been answered at the group's current version.
+
+        Answered means ACKed, or NACKed and held back until the config changes, or
+        nothing to send (an EDS change to clusters this client does not watch).
+        """
+        return all(
+            status.synced_version == group.of_type(url).version
+            for url, status in self.types.items()
+        )
+
+    def to_json(self, group: GroupSnapshot) -> dict[str, Any]:
         return {
             "stream_id": self.stream_id,
             "id": self.node_id,
@@ -70,19 +83,21 @@ class Client:
             "peer": self.peer,
             "user_agent": self.user_agent,
             "connected_at": self.connected_at,
+            "in_sync": self.in_sync(group),
             "types": {
-                typeurls.SHORT_NAMES.get(url, url): _status_json(status)
+                typeurls.SHORT_NAMES.get(url, url): _status_json(status, group.of_type(url).version)
                 for url, status in self.types.items()
             },
         }
 
 
-def _status_json(status: TypeStatus) -> dict[str, Any]:
+def _status_json(status: TypeStatus, current: str) -> dict[str, Any]:
     nack = status.last_nack
     return {
+        "current_version": current,
         "sent_version": status.sent_version,
         "acked_version": status.acked_version,
-        "in_sync": bool(status.sent_version) and status.sent_version == status.acked_version,
+        "in_sync": status.synced_version == current,
         "responses": status.responses,
         "subscribed": status.subscribed,
         "last_nack": None

@@ -42,6 +42,7 @@ class DeltaTypeState:
     names: set[str] = field(default_factory=set)
     wildcard: bool = False
     requested: bool = False
+    dirty: bool = True  # something besides the snapshot changed since the last look
     held: dict[str, str] = field(default_factory=dict)  # name -> version the client has
     in_flight: _InFlight | None = None
     rejected: dict[str, str] = field(default_factory=dict)
@@ -90,10 +91,6 @@ class DeltaStream(Stream):
 
     protocol = "delta"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.states: dict[str, DeltaTypeState] = {}
-
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         self.identify(request.node, request.HasField("node"))
         type_url = self.type_of(request.type_url)
@@ -103,6 +100,7 @@ class DeltaStream(Stream):
             type_url, DeltaTypeState(type_url)
         )
         state.apply(request)
+        state.dirty = True
         self.client.status(type_url).subscribed = None if state.wildcard else sorted(state.names)
         if state.in_flight is not None and request.response_nonce == state.in_flight.nonce:
             self._settle(state, request)
@@ -124,24 +122,14 @@ class DeltaStream(Stream):
             return
         status.acked_version, status.acked_at = in_flight.version, time.time()
 
-    def responses(self) -> list[bytes]:
-        group = self.group
-        if group is None:
-            return []
-        out = []
-        for type_url in self.types_in_order():
-            state = self.states.get(type_url)
-            if state is None:
-                continue
-            snapshot = group.of_type(type_url)
-            change = state.to_send(snapshot)
-            if change is None:
-                continue
-            updated, removed = change
-            if type_url == typeurls.CLUSTER:
-                self._resend_endpoints_of_updated(state, updated)
-            out.append(self._response(state, snapshot.version, updated, removed))
-        return out
+    def respond(self, state: DeltaTypeState, snapshot: TypeSnapshot) -> bytes | None:
+        change = state.to_send(snapshot)
+        if change is None:
+            return None
+        updated, removed = change
+        if state.type_url == typeurls.CLUSTER:
+            self._resend_endpoints_of_updated(state, updated)
+        return self._response(state, snapshot.version, updated, removed)
 
     def _response(
         self,
@@ -175,5 +163,7 @@ class DeltaStream(Stream):
     ) -> None:
         """Envoy re-creates an updated EDS cluster and, in Delta, never asks for its endpoints."""
         endpoints = self.states.get(typeurls.ENDPOINT)
-        if endpoints is not None:
-            endpoints.resend.update(n for n in updated if clusters.held.get(n) is not None)
+        known = [n for n in updated if clusters.held.get(n) is not None]
+        if endpoints is not None and known:
+            endpoints.resend.update(known)
+            endpoints.dirty = True

@@ -45,6 +45,7 @@ class SotwTypeState:
     names: set[str] = field(default_factory=set)
     wildcard: bool = False
     requested: bool = False
+    dirty: bool = True  # something besides the snapshot changed since the last look
     answered: bool = False  # a response (or a matching version) has settled the first request
     client_version: str = ""  # version_info of the client's first request (reconnect)
     known: dict[str, str] = field(default_factory=dict)  # ACKed name -> version
@@ -53,6 +54,7 @@ class SotwTypeState:
     resend: set[str] = field(default_factory=set)
     resend_all: bool = False
     rejected: dict[str, str] = field(default_factory=dict)  # last NACKed name -> version
+    last_names: list[str] | None = None  # resource_names of the last request, as sent
 
     @property
     def full_state(self) -> bool:
@@ -78,8 +80,8 @@ class SotwTypeState:
         if not self.requested or self.in_flight is not None:
             return None
         wanted = self.wanted(snapshot)
-        versions = {n: r.version for n, r in wanted.items()}
         if self.full_state:
+            versions = {n: r.version for n, r in wanted.items()}
             if not self.answered and self.client_version == snapshot.version:
                 self.known, self.answered = versions, True  # a reconnect: it has all of it
                 return None
@@ -101,10 +103,6 @@ class SotwStream(Stream):
 
     protocol = "sotw"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.states: dict[str, SotwTypeState] = {}
-
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
         self.identify(request.node, request.HasField("node"))
         type_url = self.type_of(request.type_url)
@@ -125,9 +123,13 @@ class SotwStream(Stream):
                 state.resend_all = True  # a repeated request: the client needs it again
         elif not state.requested:
             state.client_version = request.version_info
-        state.requested = True
-        state.subscribe(list(request.resource_names))
-        self.client.status(type_url).subscribed = None if state.wildcard else sorted(state.names)
+        state.requested = state.dirty = True
+        names = list(request.resource_names)
+        if names != state.last_names:  # Envoy repeats the same list on every ACK
+            state.last_names = names
+            state.subscribe(names)
+            status = self.client.status(type_url)
+            status.subscribed = None if state.wildcard else sorted(state.names)
 
     def _settle(self, state: SotwTypeState, request: discovery_pb2.DiscoveryRequest) -> None:
         in_flight, state.in_flight = state.in_flight, None
@@ -148,23 +150,14 @@ class SotwStream(Stream):
             state.known.update(in_flight.sent)
         status.acked_version, status.acked_at = in_flight.version, time.time()
 
-    def responses(self) -> list[bytes]:
-        group = self.group
-        if group is None:
-            return []
-        out = []
-        for type_url in self.types_in_order():
-            state = self.states.get(type_url)
-            if state is None:
-                continue
-            snapshot = group.of_type(type_url)
-            resources = state.to_send(snapshot)
-            if resources is None:
-                continue
-            out.append(self._response(state, snapshot.version, resources))
-            if type_url == typeurls.CLUSTER:
-                self._resend_endpoints_of_updated(state, resources)
-        return out
+    def respond(self, state: SotwTypeState, snapshot: TypeSnapshot) -> bytes | None:
+        resources = state.to_send(snapshot)
+        if resources is None:
+            return None
+        payload = self._response(state, snapshot.version, resources)
+        if state.type_url == typeurls.CLUSTER:
+            self._resend_endpoints_of_updated(state, resources)
+        return payload
 
     def _response(
         self, state: SotwTypeState, version: str, resources: dict[str, Resource]
@@ -190,6 +183,7 @@ class SotwStream(Stream):
         endpoints = self.states.get(typeurls.ENDPOINT)
         if endpoints is None:
             return
-        endpoints.resend.update(
-            n for n, r in sent.items() if n in clusters.known and clusters.known[n] != r.version
-        )
+        updated = [n for n, r in sent.items() if clusters.known.get(n, r.version) != r.version]
+        if updated:
+            endpoints.resend.update(updated)
+            endpoints.dirty = True

@@ -18,7 +18,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 
 from xds_server import typeurls
-from xds_server.cache import EMPTY_GROUP, GroupSnapshot, SnapshotCache, Subscriber
+from xds_server.cache import EMPTY_GROUP, GroupSnapshot, SnapshotCache, Subscriber, TypeSnapshot
 from xds_server.clients import Client, ClientRegistry
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Stream(Subscriber):
         self.fixed_type = fixed_type
         self.client: Client = registry.open(self.protocol, service, peer)
         self.wakeup = asyncio.Event()
+        self.states: dict[str, Any] = {}  # type URL -> the protocol's per-type state
         self._registry = registry
         self._warned_types: set[str] = set()
 
@@ -100,8 +101,37 @@ class Stream(Subscriber):
     def on_request(self, request: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def responses(self) -> list[bytes]:  # pragma: no cover - interface
+    def respond(self, state: Any, snapshot: TypeSnapshot) -> bytes | None:  # pragma: no cover
+        """The next response for one type, or None when this client needs nothing now."""
         raise NotImplementedError
+
+    def responses(self) -> list[bytes]:
+        """What to write now, in ADS order.
+
+        A type found with nothing to send and nothing in flight is synced at the
+        snapshot's version; until a request or a resend marks it dirty again, a
+        wake-up at that same version skips it without looking at its resources
+        (the common case when a change touches one type of many streams).
+        """
+        group = self.group
+        if group is None:
+            return []
+        out = []
+        for type_url in self.types_in_order():
+            state = self.states.get(type_url)
+            if state is None or not state.requested:
+                continue
+            snapshot = group.of_type(type_url)
+            status = self.client.status(type_url)
+            if not state.dirty and status.synced_version == snapshot.version:
+                continue
+            state.dirty = False
+            payload = self.respond(state, snapshot)
+            if payload is not None:
+                out.append(payload)
+            elif state.in_flight is None:
+                status.synced_version = snapshot.version
+        return out
 
 
 class Context(Protocol):
@@ -135,8 +165,9 @@ async def serve(stream: Stream, requests: AsyncIterator[Any], context: Context) 
                 log.warning("stream %s: %s", stream.client.stream_id, failure[0])
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure[0]))
                 return
-            for payload in stream.responses():
-                await context.write(payload)
+            pending = stream.responses()
+            while pending:  # hold no reference to written bytes while idle (memory per stream)
+                await context.write(pending.pop(0))
             if reader.done():
                 return
     finally:

@@ -1,0 +1,699 @@
+"""Fan-out benchmark: how fast one config edit reaches N ADS clients, against raw grpc.aio.
+
+Prints, for our server and, in the same run, for a bare grpc.aio server that writes
+the very same bytes: initial sync time, edit -> first client, first -> last client,
+and server memory per stream. Targets (from the issue): first -> last within 2x the
+raw fan-out, edit -> first under 200 ms.
+
+Each server runs in its own subprocess so the clients' CPU never sits on the
+server's event loop; the parent drives both over stdin/stdout with one JSON line
+per command, and both stay connected while their edits alternate, so other load
+on the machine falls on both alike. Edit times are ``time.monotonic()``
+(CLOCK_MONOTONIC) taken in the server right before it changes the cache, arrival
+times are taken by the clients in this process, so the two are comparable. The
+raw server answers with bytes captured from our server, so both put the same
+payloads on the wire.
+
+    .venv/bin/python bench/fanout.py                 # 1000 clients, ~15 s on 2 cores
+    .venv/bin/python bench/fanout.py --clients 50    # ~2 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+from xds_server import typeurls
+from xds_server.cache import SnapshotCache
+from xds_server.clients import ClientRegistry
+from xds_server.model import Pool, parse_config
+from xds_server.resources import build_all, cluster_load_assignment
+from xds_server.server import SERVER_OPTIONS, DiscoveryServices, start_grpc_server
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+ADS_METHOD = f"/{ADS_SERVICE}/StreamAggregatedResources"
+#: Streams per client channel: each channel is its own TCP connection, as with Envoys.
+STREAMS_PER_CHANNEL = 50
+EDITS = ("edit-one", "edit-all")
+#: The four responses the raw server replays, as captured from our server.
+CAPTURED = ("cds", "eds", *EDITS)
+TARGET_SPREAD_RATIO = 2.0
+TARGET_EDIT_TO_FIRST_MS = 200.0
+#: Bound on every wait for clients or servers, so a stuck run fails instead of hanging.
+PHASE_TIMEOUT = 120.0
+KIB, MIB = 1024, 1024 * 1024
+SCRIPT = str(Path(__file__).resolve())
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+# --- the fleet: a snapshot file, through the real model -> resources path -------------
+
+
+def pool_name(pool: int) -> str:
+    return f"pool-{pool:03d}"
+
+
+def snapshot_yaml(pools: int, endpoints: int) -> str:
+    """A snapshot file as a user writes it: one listener routing by model to every pool."""
+    lines = ["listeners:", "  - name: inference", "    port: 10000", "    routes:"]
+    for p in range(pools):
+        lines += [f"      - model: {pool_name(p)}", f"        pool: {pool_name(p)}"]
+    lines.append("pools:")
+    for p in range(pools):
+        lines += [f"  - name: {pool_name(p)}", "    lb_policy: least_request", "    endpoints:"]
+        for e in range(endpoints):
+            address = f"10.{p // 250}.{p % 250}.{e + 1}"
+            lines.append(f"      - {{address: {address}, port: 8000, zone: zone-{'ab'[e % 2]}}}")
+    return "\n".join(lines) + "\n"
+
+
+def reweighted(pool: Pool, weight: int) -> Pool:
+    """The pool with every endpoint at ``weight``: what the weight engine publishes."""
+    endpoints = tuple(replace(e, weight=weight) for e in pool.endpoints)
+    return replace(pool, endpoints=endpoints)
+
+
+# --- the servers: ours and the raw baseline, each driven over stdin/stdout -----------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def stats(ready: int) -> dict[str, Any]:
+    return {"ready": ready, "rss": rss_bytes(), "cpu": time.process_time()}
+
+
+async def command_loop(handle: Callable[[str], dict[str, Any]]) -> None:
+    """Answer one JSON line per stdin command until ``quit`` or the parent goes away.
+
+    Commands run on the event loop itself, so an edit is timed exactly where a
+    real config change would happen.
+    """
+    while True:
+        line = (await asyncio.to_thread(sys.stdin.readline)).strip()
+        if line in ("", "quit"):
+            return
+        sys.stdout.write(json.dumps(handle(line)) + "\n")
+        sys.stdout.flush()
+
+
+def exit_without_goaway() -> NoReturn:
+    """End a server role at once, once its clients have gone.
+
+    A graceful stop sends GOAWAY on client connections that are still closing
+    (grpc.aio closes them in the background), and the clients log every one.
+    """
+    sys.stdout.flush()
+    os._exit(0)
+
+
+class ServerUnderTest:
+    """Our SnapshotCache + DiscoveryServices, with edits the way the config side makes them.
+
+    ``edit-one`` is the weight path (update_resources, one pool), ``edit-all`` a
+    snapshot reload in which every pool's weights changed (set_snapshot).
+    Messages are built before the clock starts: building them is the config
+    side's job, serving them is what is measured.
+    """
+
+    def __init__(self, pools: int, endpoints: int) -> None:
+        self.config = parse_config(snapshot_yaml(pools, endpoints), "bench")
+        self.group = self.config.group_for("bench").name
+        self.cache = SnapshotCache()
+        self.registry = ClientRegistry()
+        self.edits = 0
+        self.cache.set_snapshot(build_all(self.config), self.resolve)
+
+    def resolve(self, node_cluster: str) -> str:
+        return self.config.group_for(node_cluster).name
+
+    def handle(self, command: str) -> dict[str, Any]:
+        if command == "stats":
+            return stats(self.in_sync())
+        self.edits += 1
+        weight = self.edits + 1  # every edit is new content, so every client gets it
+        if command == "edit-one":
+            pool = reweighted(self.config.pools[self.edits % len(self.config.pools)], weight)
+            change = {pool.name: cluster_load_assignment(pool)}
+            at = time.monotonic()
+            self.cache.update_resources(self.group, typeurls.ENDPOINT, change)
+        elif command == "edit-all":
+            pools = tuple(reweighted(pool, weight) for pool in self.config.pools)
+            self.config = replace(self.config, pools=pools)
+            messages = build_all(self.config)
+            at = time.monotonic()
+            self.cache.set_snapshot(messages, self.resolve)
+        else:
+            raise ValueError(f"unknown command {command!r}")
+        return {"at": at}
+
+    def in_sync(self) -> int:
+        """Streams that have ACKed the endpoints sent last: they take the next edit at once."""
+        count = 0
+        for client in self.registry:
+            status = client.types.get(typeurls.ENDPOINT)
+            if status is not None and status.sent_version == status.acked_version != "":
+                count += 1
+        return count
+
+
+async def run_server(pools: int, endpoints: int) -> NoReturn:
+    under_test = ServerUnderTest(pools, endpoints)
+    services = DiscoveryServices(under_test.cache, under_test.registry)
+    _server, port = await start_grpc_server(services.handlers(), "127.0.0.1", 0)  # keep a ref
+    print(json.dumps({"port": port}), flush=True)
+    await command_loop(under_test.handle)
+    exit_without_goaway()
+
+
+class RawFanout:
+    """The baseline: grpc.aio with nothing in between the event and the write.
+
+    Each stream gets the captured CDS and EDS bytes for its first request of
+    each type; an edit queues the captured edit response on every open stream.
+    Requests are parsed as ours are, and the server options are ours.
+    """
+
+    def __init__(self, captured: dict[str, bytes]) -> None:
+        self.captured = captured
+        self.initial = {typeurls.CLUSTER: captured["cds"], typeurls.ENDPOINT: captured["eds"]}
+        self.streams: set[asyncio.Queue[bytes | None]] = set()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self.serve,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=_identity,
+        )
+        return grpc.method_handlers_generic_handler(
+            ADS_SERVICE, {"StreamAggregatedResources": method}
+        )
+
+    async def serve(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def read() -> None:
+            answered: set[str] = set()
+            try:
+                async for request in requests:
+                    payload = self.initial.get(request.type_url)
+                    if payload is not None and request.type_url not in answered:
+                        answered.add(request.type_url)
+                        queue.put_nowait(payload)
+            finally:
+                queue.put_nowait(None)
+
+        self.streams.add(queue)
+        reader = asyncio.create_task(read())
+        try:
+            while (payload := await queue.get()) is not None:
+                await context.write(payload)
+        finally:
+            reader.cancel()
+            self.streams.discard(queue)
+
+    def handle(self, command: str) -> dict[str, Any]:
+        if command == "stats":
+            return stats(len(self.streams))
+        payload = self.captured[command]
+        at = time.monotonic()
+        for queue in self.streams:
+            queue.put_nowait(payload)
+        return {"at": at}
+
+
+async def run_raw(capture_dir: Path) -> NoReturn:
+    raw = RawFanout({name: (capture_dir / f"{name}.bin").read_bytes() for name in CAPTURED})
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers([raw.handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(json.dumps({"port": port}), flush=True)
+    await command_loop(raw.handle)
+    exit_without_goaway()
+
+
+class ServerProcess:
+    """A server role in a subprocess, driven one command at a time."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    @classmethod
+    async def start(cls, role: str, *extra: str) -> ServerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            SCRIPT,
+            "--role",
+            role,
+            *extra,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"{role} server exited before listening")
+        return cls(proc, json.loads(line)["port"])
+
+    async def command(self, command: str) -> dict[str, Any]:
+        self.proc.stdin.write(f"{command}\n".encode())  # type: ignore[union-attr]
+        await self.proc.stdin.drain()  # type: ignore[union-attr]
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"server exited on {command!r}")
+        return json.loads(line)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+# --- the clients ---------------------------------------------------------------------
+
+
+def response_header_class() -> type[Message]:
+    """A DiscoveryResponse with only version_info, type_url and nonce: enough to ACK.
+
+    Parsing whole 100 KB responses would measure the client, not the server;
+    this class leaves the resources as unknown bytes.
+    """
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="bench_fanout.proto", package="bench", syntax="proto3"
+    )
+    message = proto.message_type.add(name="ResponseHeader")
+    for name, number in (("version_info", 1), ("type_url", 4), ("nonce", 5)):
+        message.field.add(
+            name=name,
+            number=number,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+        )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("bench.ResponseHeader"))
+
+
+ResponseHeader = response_header_class()
+
+
+class AdsCall:
+    """One SotW ADS stream that subscribes to every cluster and its endpoints, and ACKs.
+
+    Requests are pre-encoded chunks joined with a small header, as the server
+    does with responses, so the client's CPU goes to receiving.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, node_id: str, eds_names: bytes) -> None:
+        self.call = channel.stream_stream(
+            ADS_METHOD, request_serializer=_identity, response_deserializer=_identity
+        )()
+        self.node_id = node_id
+        self.eds_names = eds_names
+
+    async def subscribe(self) -> bytes:
+        """Ask for all clusters, ACK them, then ask for the endpoints of each; returns the CDS."""
+        first = discovery_pb2.DiscoveryRequest(type_url=typeurls.CLUSTER)
+        first.node.id, first.node.cluster = self.node_id, "bench"
+        await self.call.write(first.SerializeToString())
+        payload, cds = await self.read(typeurls.CLUSTER)
+        await self.call.write(self.reply(cds, b""))
+        eds = discovery_pb2.DiscoveryRequest(type_url=typeurls.ENDPOINT)
+        await self.call.write(self.eds_names + eds.SerializeToString())
+        return payload
+
+    async def read(self, type_url: str) -> tuple[bytes, Any]:
+        payload = await self.call.read()
+        if payload is grpc.aio.EOF:
+            raise RuntimeError(f"{self.node_id}: the server closed the stream")
+        header = ResponseHeader.FromString(payload)
+        if header.type_url != type_url:
+            raise RuntimeError(f"{self.node_id}: expected {type_url}, got {header.type_url}")
+        return payload, header
+
+    async def ack_endpoints(self, header: Any) -> None:
+        await self.call.write(self.reply(header, self.eds_names))
+
+    @staticmethod
+    def reply(header: Any, names: bytes) -> bytes:
+        ack = discovery_pb2.DiscoveryRequest(
+            type_url=header.type_url, version_info=header.version_info, response_nonce=header.nonce
+        )
+        return names + ack.SerializeToString()
+
+
+def eds_names_chunk(pools: int) -> bytes:
+    names = [pool_name(p) for p in range(pools)]
+    return discovery_pb2.DiscoveryRequest(resource_names=names).SerializeToString()
+
+
+@dataclass(slots=True)
+class Arrivals:
+    """When each client got the response a phase waits for."""
+
+    expected: int
+    times: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, at: float, size: int) -> None:
+        self.times.append(at)
+        self.sizes.append(size)
+        if len(self.times) >= self.expected:
+            self.complete.set()
+
+
+class AdsClients:
+    """N ADS streams spread over one connection per STREAMS_PER_CHANNEL streams."""
+
+    def __init__(self, port: int, count: int, pools: int) -> None:
+        self.target = f"127.0.0.1:{port}"
+        self.count = count
+        self.eds_names = eds_names_chunk(pools)
+        self.channels: list[grpc.aio.Channel] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.arrivals = Arrivals(count)
+
+    async def connect(self) -> None:
+        """Open the connections first, so the initial sync measures xDS, not TCP."""
+        for _ in range(-(-self.count // STREAMS_PER_CHANNEL)):
+            # A local subchannel pool: otherwise channels to one target share one connection.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            self.channels.append(grpc.aio.insecure_channel(self.target, options=options))
+        await asyncio.wait_for(
+            asyncio.gather(*(c.channel_ready() for c in self.channels)), PHASE_TIMEOUT
+        )
+
+    def start(self) -> Arrivals:
+        """Open every stream; the returned Arrivals completes when all have their endpoints."""
+        arrivals = self.expect_next()
+        for i in range(self.count):
+            channel = self.channels[i // STREAMS_PER_CHANNEL]
+            call = AdsCall(channel, f"bench-{i}", self.eds_names)
+            self.tasks.append(asyncio.create_task(self.run(call)))
+        return arrivals
+
+    async def run(self, call: AdsCall) -> None:
+        """Subscribe, then take every EDS response as it comes: record its arrival, ACK it."""
+        await call.subscribe()
+        while True:
+            payload, header = await call.read(typeurls.ENDPOINT)
+            self.arrivals.add(time.monotonic(), len(payload))
+            await call.ack_endpoints(header)
+
+    def expect_next(self) -> Arrivals:
+        self.arrivals = Arrivals(self.count)
+        return self.arrivals
+
+    async def wait(self, arrivals: Arrivals) -> None:
+        """Until every client has the response, or a stream fails, or PHASE_TIMEOUT."""
+        complete = asyncio.create_task(arrivals.complete.wait())
+        done, _ = await asyncio.wait(
+            [complete, *self.tasks], timeout=PHASE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        complete.cancel()
+        for task in done:
+            if task is not complete:
+                task.result()  # raises the stream's error
+                raise RuntimeError("a client stream ended early")
+        if not done:
+            raise TimeoutError(f"{len(arrivals.times)}/{arrivals.expected} clients in time")
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+        await asyncio.gather(*(c.close() for c in self.channels))
+        self.channels.clear()
+
+
+async def capture(server: ServerProcess, pools: int, into: Path) -> dict[str, int]:
+    """Record what our server sends one client: initial CDS and EDS, and one of each edit.
+
+    The raw server replays exactly these bytes, so both fan out the same
+    payloads. Returns their sizes.
+    """
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = AdsCall(channel, "bench-capture", eds_names_chunk(pools))
+        captured = {"cds": await call.subscribe()}
+        captured["eds"], header = await call.read(typeurls.ENDPOINT)
+        for edit in EDITS:
+            await call.ack_endpoints(header)
+            await server.command(edit)
+            captured[edit], header = await call.read(typeurls.ENDPOINT)
+        call.call.cancel()
+    for name, payload in captured.items():
+        (into / f"{name}.bin").write_bytes(payload)
+    return {name: len(payload) for name, payload in captured.items()}
+
+
+# --- phases and report ---------------------------------------------------------------
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+async def wait_ready(server: ServerProcess, count: int) -> dict[str, Any]:
+    """Stats once ``count`` streams have ACKed: an edit sent before the ACK would wait for it."""
+    deadline = time.monotonic() + PHASE_TIMEOUT
+    while (answer := await server.command("stats"))["ready"] < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{answer['ready']}/{count} streams ACKed in time")
+        await asyncio.sleep(0.01)
+    return answer
+
+
+class Subject:
+    """One server and its client fleet.
+
+    Both subjects stay connected for the whole run and their edits alternate,
+    so load from anything else on the machine falls on both alike.
+    """
+
+    def __init__(self, server: ServerProcess, clients: int, pools: int) -> None:
+        self.server = server
+        self.fleet = AdsClients(server.port, clients, pools)
+        self.summary: dict[str, Any] = {}
+        self.runs: dict[str, list[dict[str, float]]] = {edit: [] for edit in EDITS}
+
+    async def sync(self) -> None:
+        """Initial sync of every client, and the server's memory before and after it."""
+        idle = await self.server.command("stats")
+        await self.fleet.connect()
+        start, cpu = time.monotonic(), time.process_time()
+        arrivals = self.fleet.start()
+        await self.fleet.wait(arrivals)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - start
+        loaded = await wait_ready(self.server, self.fleet.count)
+        self.summary = {
+            "initial": {
+                "first_ms": ms(min(arrivals.times) - start),
+                "last_ms": ms(max(arrivals.times) - start),
+                "server_cpu_ms": ms(loaded["cpu"] - idle["cpu"]),
+                "client_cpu_share": cpu / wall,
+            },
+            "rss_idle_bytes": idle["rss"],
+            "rss_per_stream_bytes": (loaded["rss"] - idle["rss"]) / self.fleet.count,
+        }
+
+    async def edit(self, edit: str) -> None:
+        """One edit, timed from the server's clock reading to each client's arrival."""
+        before = await self.server.command("stats")
+        arrivals = self.fleet.expect_next()
+        start, cpu = time.monotonic(), time.process_time()
+        at = (await self.server.command(edit))["at"]
+        await self.fleet.wait(arrivals)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - start
+        after = await wait_ready(self.server, self.fleet.count)
+        first, last = min(arrivals.times), max(arrivals.times)
+        self.runs[edit].append(
+            {
+                "edit_to_first_ms": ms(first - at),
+                "first_to_last_ms": ms(last - first),
+                "edit_to_last_ms": ms(last - at),
+                "bytes_per_client": statistics.median(arrivals.sizes),
+                "server_cpu_ms": ms(after["cpu"] - before["cpu"]),
+                "client_cpu_share": cpu / wall,
+            }
+        )
+
+    def result(self) -> dict[str, Any]:
+        medians = {
+            edit: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            for edit, runs in self.runs.items()
+        }
+        return {**self.summary, **medians, "runs": self.runs}
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Capture our server's bytes, then measure it and the raw server side by side."""
+    out: dict[str, Any] = {
+        "clients": args.clients,
+        "pools": args.pools,
+        "endpoints": args.endpoints,
+        "repeat": args.repeat,
+        "loadavg_before": os.getloadavg()[0],
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fanout-")))
+        sizes = ("--pools", str(args.pools), "--endpoints", str(args.endpoints))
+        ours = await ServerProcess.start("server", *sizes)
+        stack.push_async_callback(ours.stop)
+        out["captured_bytes"] = await capture(ours, args.pools, tmp)
+        raw = await ServerProcess.start("raw", "--capture", str(tmp))
+        stack.push_async_callback(raw.stop)
+        subjects = {"ours": Subject(ours, args.clients, args.pools)}
+        subjects["raw"] = Subject(raw, args.clients, args.pools)
+        for subject in subjects.values():
+            stack.push_async_callback(subject.fleet.close)
+            await subject.sync()
+        for edit in EDITS:
+            for _ in range(args.repeat):
+                for subject in subjects.values():
+                    await subject.edit(edit)
+        out.update({name: subject.result() for name, subject in subjects.items()})
+    out["loadavg_after"] = os.getloadavg()[0]
+    out["targets"] = targets(out["ours"], out["raw"])
+    return out
+
+
+def targets(ours: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = []
+    for edit in EDITS:
+        spread, limit = (
+            ours[edit]["first_to_last_ms"],
+            TARGET_SPREAD_RATIO * raw[edit]["first_to_last_ms"],
+        )
+        checks.append(
+            {
+                "target": f"{edit} first->last <= {TARGET_SPREAD_RATIO:g}x raw",
+                "value_ms": spread,
+                "limit_ms": limit,
+                "pass": spread <= limit,
+            }
+        )
+        first = ours[edit]["edit_to_first_ms"]
+        checks.append(
+            {
+                "target": f"{edit} edit->first < {TARGET_EDIT_TO_FIRST_MS:g} ms",
+                "value_ms": first,
+                "limit_ms": TARGET_EDIT_TO_FIRST_MS,
+                "pass": first < TARGET_EDIT_TO_FIRST_MS,
+            }
+        )
+    return checks
+
+
+def report(out: dict[str, Any]) -> str:
+    ours, raw = out["ours"], out["raw"]
+    rows: list[tuple[str, float, float]] = [
+        ("initial sync, first client (ms)", *_pair(ours, raw, "initial", "first_ms")),
+        ("initial sync, all clients (ms)", *_pair(ours, raw, "initial", "last_ms")),
+        ("initial sync, server CPU (ms)", *_pair(ours, raw, "initial", "server_cpu_ms")),
+        ("initial sync, client CPU share", *_pair(ours, raw, "initial", "client_cpu_share")),
+    ]
+    for edit in EDITS:
+        rows += [
+            (f"{edit}: bytes per client", *_pair(ours, raw, edit, "bytes_per_client")),
+            (f"{edit}: edit -> first client (ms)", *_pair(ours, raw, edit, "edit_to_first_ms")),
+            (f"{edit}: first -> last client (ms)", *_pair(ours, raw, edit, "first_to_last_ms")),
+            (f"{edit}: edit -> last client (ms)", *_pair(ours, raw, edit, "edit_to_last_ms")),
+            (f"{edit}: server CPU incl. ACKs (ms)", *_pair(ours, raw, edit, "server_cpu_ms")),
+            (f"{edit}: client CPU share", *_pair(ours, raw, edit, "client_cpu_share")),
+        ]
+    rows += [
+        (
+            "server RSS before streams (MiB)",
+            ours["rss_idle_bytes"] / MIB,
+            raw["rss_idle_bytes"] / MIB,
+        ),
+        (
+            "server RSS per stream (KiB)",
+            ours["rss_per_stream_bytes"] / KIB,
+            raw["rss_per_stream_bytes"] / KIB,
+        ),
+    ]
+    lines = [
+        f"fan-out: {out['clients']} ADS clients, {out['pools']} pools x {out['endpoints']} "
+        f"endpoints, median of {out['repeat']} runs per edit; load average "
+        f"{out['loadavg_before']:.2f} before, {out['loadavg_after']:.2f} after",
+        f"{'':40} {'ours':>10} {'raw':>10} {'ours/raw':>9}",
+    ]
+    for label, mine, theirs in rows:
+        ratio = f"{mine / theirs:9.2f}" if theirs else f"{'-':>9}"
+        lines.append(f"{label:40} {mine:10.2f} {theirs:10.2f} {ratio}")
+    for edit in EDITS:
+        for name, side in (("ours", ours), ("raw", raw)):
+            spreads = " ".join(f"{run['first_to_last_ms']:.0f}" for run in side["runs"][edit])
+            lines.append(f"{edit} first -> last per run, {name} (ms): {spreads}")
+    lines.append("targets:")
+    for check in out["targets"]:
+        verdict = "PASS" if check["pass"] else "FAIL"
+        lines.append(
+            f"  {verdict}  {check['target']}: {check['value_ms']:.1f} ms "
+            f"(limit {check['limit_ms']:.1f} ms)"
+        )
+    return "\n".join(lines)
+
+
+def _pair(ours: dict[str, Any], raw: dict[str, Any], phase: str, key: str) -> tuple[float, float]:
+    return ours[phase][key], raw[phase][key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=1000, help="ADS streams (default 1000)")
+    parser.add_argument("--pools", type=int, default=100, help="clusters (default 100)")
+    parser.add_argument("--endpoints", type=int, default=20, help="per pool (default 20)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per edit (median)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--role", choices=("bench", "server", "raw"), default="bench", help=argparse.SUPPRESS
+    )
+    parser.add_argument("--capture", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "server":
+        asyncio.run(run_server(args.pools, args.endpoints))
+        return
+    if args.role == "raw":
+        asyncio.run(run_raw(args.capture))
+        return
+    out = asyncio.run(run_bench(args))
+    print(report(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
