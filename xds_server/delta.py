@@ -99,13 +99,23 @@ class DeltaStream(Stream):
         state = self.states.get(type_url) or self.states.setdefault(
             type_url, DeltaTypeState(type_url)
         )
+        changes_subscription = bool(
+            not state.requested
+            or request.resource_names_subscribe
+            or request.resource_names_unsubscribe
+        )
         state.apply(request)
-        state.dirty = True
-        self.client.status(type_url).subscribed = None if state.wildcard else sorted(state.names)
+        if changes_subscription:
+            status = self.client.status(type_url)
+            status.subscribed = None if state.wildcard else sorted(state.names)
+        acked = False
         if state.in_flight is not None and request.response_nonce == state.in_flight.nonce:
-            self._settle(state, request)
+            acked = self._settle(state, request)
+        if changes_subscription or not acked:
+            state.dirty = True
 
-    def _settle(self, state: DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    def _settle(self, state: DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
+        """Record the ACK or NACK of the response in flight; True for an ACK."""
         in_flight, state.in_flight = state.in_flight, None
         assert in_flight is not None
         status = self.client.status(state.type_url)
@@ -119,8 +129,10 @@ class DeltaStream(Stream):
             status.last_nack = Nack(
                 in_flight.version, in_flight.nonce, request.error_detail.message, time.time()
             )
-            return
+            return False
         status.acked_version, status.acked_at = in_flight.version, time.time()
+        status.synced_version = in_flight.version  # it held all the client lacked then
+        return True
 
     def respond(self, state: DeltaTypeState, snapshot: TypeSnapshot) -> bytes | None:
         change = state.to_send(snapshot)

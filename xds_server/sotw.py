@@ -111,12 +111,16 @@ class SotwStream(Stream):
         state = self.states.get(type_url) or self.states.setdefault(
             type_url, SotwTypeState(type_url)
         )
+        names = list(request.resource_names)
+        same_names = names == state.last_names  # Envoy repeats the same list on every ACK
         nonce = request.response_nonce
         if nonce:
             if nonce != state.last_nonce:
                 return  # stale: a reply to a response that has since been superseded
             if state.in_flight is not None:
-                self._settle(state, request)
+                acked = self._settle(state, request)
+                if acked and same_names:
+                    return  # a plain ACK: the client has all it needs as of that version
             elif request.HasField("error_detail"):
                 return  # a repeated NACK: do not answer it with the same config
             else:
@@ -124,14 +128,14 @@ class SotwStream(Stream):
         elif not state.requested:
             state.client_version = request.version_info
         state.requested = state.dirty = True
-        names = list(request.resource_names)
-        if names != state.last_names:  # Envoy repeats the same list on every ACK
+        if not same_names:
             state.last_names = names
             state.subscribe(names)
             status = self.client.status(type_url)
             status.subscribed = None if state.wildcard else sorted(state.names)
 
-    def _settle(self, state: SotwTypeState, request: discovery_pb2.DiscoveryRequest) -> None:
+    def _settle(self, state: SotwTypeState, request: discovery_pb2.DiscoveryRequest) -> bool:
+        """Record the ACK or NACK of the response in flight; True for an ACK."""
         in_flight, state.in_flight = state.in_flight, None
         assert in_flight is not None
         status = self.client.status(state.type_url)
@@ -143,12 +147,16 @@ class SotwStream(Stream):
             status.last_nack = Nack(
                 in_flight.version, in_flight.nonce, request.error_detail.message, time.time()
             )
-            return
+            return False
         if state.full_state:
             state.known = dict(in_flight.sent)
         else:
             state.known.update(in_flight.sent)
         status.acked_version, status.acked_at = in_flight.version, time.time()
+        # The response held everything the client lacked at that version; if the cache
+        # has moved on since, the version differs and the next wake-up looks again.
+        status.synced_version = in_flight.version
+        return True
 
     def respond(self, state: SotwTypeState, snapshot: TypeSnapshot) -> bytes | None:
         resources = state.to_send(snapshot)

@@ -1,0 +1,58 @@
+"""What the load store hands to weight policies: one merged view per endpoint.
+
+Kept apart from the store and the policies so a custom policy (`module:Class`)
+depends on these small frozen types only, never on how reports are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLoad:
+    """One endpoint's load over the store's recent window, merged across every reporting Envoy.
+
+    Rates add up across reporters; metric means are weighted by how many requests
+    carried the metric. `metrics` keys are the names as LRS carries them, prefix
+    kept: "named_metrics.kv_cache_usage_perc", "cpu_utilization", ...
+    """
+
+    rps: float = 0.0  # requests finished per second (successful + error)
+    error_rps: float = 0.0
+    issued_rps: float = 0.0
+    in_progress: float = 0.0  # requests in flight, summed over reporters' latest reports
+    metrics: Mapping[str, float] = field(default_factory=dict)  # metric name -> mean value
+    age: float = 0.0  # seconds since the freshest report that carried this endpoint
+    reporters: int = 0  # Envoys whose reports are in the window
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInput:
+    """One endpoint as a policy sees it: identity, configured weight, and load if known."""
+
+    key: str  # "address:port", as in the admin API
+    zone: str
+    static_weight: int
+    load: EndpointLoad | None  # None: no report yet, or none fresh enough
+    known_since: float  # monotonic time the endpoint entered the config (for blackout)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolWeights:
+    """A policy's answer for one pool.
+
+    endpoints: key -> weight in 1..MAX_WEIGHT for every input endpoint.
+    localities: zone -> weight in 1..MAX_WEIGHT for every zone present.
+    saturated: keys moved to priority 1, so Envoy spills to them only when the rest
+    of the pool is unhealthy; never every endpoint of a pool.
+    """
+
+    endpoints: Mapping[str, int]
+    localities: Mapping[str, int]
+    saturated: frozenset[str] = frozenset()
+
+
+#: Envoy's limit for endpoint weights, and for the sum of a locality's weights (uint32).
+MAX_WEIGHT = 1_000_000
