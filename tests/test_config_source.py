@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from xds_server import typeurls
 from xds_server.cache import SnapshotCache
 from xds_server.config_source import ConfigSource
+from xds_server.publisher import Publisher
 
 VALID = {
     "listeners": [{"name": "l", "port": 10000, "routes": [{"prefix": "/", "pool": "p"}]}],
@@ -23,7 +24,7 @@ async def test_valid_edit_is_published_invalid_edit_keeps_last_good(tmp_path: Pa
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(VALID))
     cache = SnapshotCache()
-    source = ConfigSource(path, cache)
+    source = ConfigSource(path, Publisher(cache))
     assert await source.load()
     first = cache.groups["default"].of_type(typeurls.ENDPOINT).version
     watcher = asyncio.create_task(source.watch(interval=0.02, settle=0.01))
@@ -87,7 +88,7 @@ def test_no_edit_can_break_serving(tmp_path: Path, mutation):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(VALID))
     cache = SnapshotCache()
-    source = ConfigSource(path, cache)
+    source = ConfigSource(path, Publisher(cache))
     assert asyncio.run(source.load())
     good = cache.groups
     where, value = mutation

@@ -14,6 +14,7 @@ from xds_server.admin import AdminApi, start_admin
 from xds_server.cache import SnapshotCache
 from xds_server.clients import ClientRegistry
 from xds_server.config_source import ConfigSource
+from xds_server.publisher import Publisher
 from xds_server.server import DiscoveryServices, start_grpc_server
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class ControlPlane:
         self.settings = settings
         self.cache = SnapshotCache()
         self.registry = ClientRegistry()
-        self.source = ConfigSource(settings.snapshot, self.cache)
+        self.publisher = Publisher(self.cache)
+        self.source = ConfigSource(settings.snapshot, self.publisher)
         self.xds_port = settings.xds_port
         self.admin_port = settings.admin_port
         self._grpc: grpc.aio.Server | None = None

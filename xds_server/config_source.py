@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xds_server.cache import SnapshotCache
 from xds_server.model import Config, SnapshotError, load_config
-from xds_server.resources import build_all
+from xds_server.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +37,12 @@ def _fingerprint(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _load_and_build(path: Path) -> tuple[Config, dict]:
-    config = load_config(path)
-    return config, build_all(config)
-
-
 class ConfigSource:
     """Publishes the snapshot file into the cache and keeps it in sync with edits."""
 
-    def __init__(self, path: Path, cache: SnapshotCache) -> None:
+    def __init__(self, path: Path, publisher: Publisher) -> None:
         self.path = path
-        self.cache = cache
+        self.publisher = publisher
         self.config: Config | None = None
         self.last: LoadOutcome | None = None
         self.loaded_at = 0.0
@@ -63,7 +57,7 @@ class ConfigSource:
         """
         self._seen = _fingerprint(self.path)
         try:
-            config, messages = await asyncio.to_thread(_load_and_build, self.path)
+            config = await asyncio.to_thread(load_config, self.path)
         except SnapshotError as err:
             self.failures += 1
             self.last = LoadOutcome(time.time(), False, [str(p) for p in err.problems])
@@ -73,7 +67,7 @@ class ConfigSource:
                 raise
             return False
         self.config = config
-        self.cache.set_snapshot(messages, lambda cluster: config.group_for(cluster).name)
+        await self.publisher.publish_config(config)
         self.reloads += 1
         self.loaded_at = time.time()
         self.last = LoadOutcome(self.loaded_at, True, [])

@@ -8,6 +8,7 @@ new weights through the same path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -23,6 +24,7 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from lrs.signals import PoolWeights
 from xds_server import typeurls
 from xds_server.model import MODEL_HEADER, Config, Listener, NodeGroup, Pool, Route
 
@@ -136,33 +138,57 @@ def cluster(pool: Pool) -> cluster_pb2.Cluster:
     return result
 
 
-def cluster_load_assignment(pool: Pool) -> endpoint_pb2.ClusterLoadAssignment:
+def cluster_load_assignment(
+    pool: Pool, weights: PoolWeights | None = None
+) -> endpoint_pb2.ClusterLoadAssignment:
     """One locality per zone (sorted), weighted by the sum of its endpoints' weights.
 
     With locality weighting on, that sum keeps each endpoint's share of traffic
-    exactly what its weight says, whatever the zones.
+    exactly what its weight says, whatever the zones. `weights` are the weight
+    engine's: effective endpoint weights, and saturated endpoints moved to
+    priority 1, where Envoy sends traffic only when priority 0 runs short.
     """
+    effective = weights.endpoints if weights is not None else {}
+    saturated = weights.saturated if weights is not None else frozenset()
+    zone_weights = weights.localities if weights is not None else {}
     assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=pool.name)
-    for zone in sorted({endpoint.zone for endpoint in pool.endpoints}):
-        members = [endpoint for endpoint in pool.endpoints if endpoint.zone == zone]
-        assignment.endpoints.add(
-            locality=base_pb2.Locality(zone=zone),
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=sum(e.weight for e in members)),
-            lb_endpoints=[
-                endpoint_components_pb2.LbEndpoint(
-                    endpoint=endpoint_components_pb2.Endpoint(
-                        address=_socket_address(e.address, e.port)
-                    ),
-                    load_balancing_weight=wrappers_pb2.UInt32Value(value=e.weight),
-                )
-                for e in members
-            ],
-        )
+    for priority in (0, 1):
+        for zone in sorted({endpoint.zone for endpoint in pool.endpoints}):
+            members = [
+                (e, effective.get(e.key, e.weight))
+                for e in pool.endpoints
+                if e.zone == zone and (e.key in saturated) == (priority == 1)
+            ]
+            if not members:
+                continue
+            total = sum(w for _, w in members)
+            assignment.endpoints.add(
+                locality=base_pb2.Locality(zone=zone),
+                priority=priority,
+                load_balancing_weight=wrappers_pb2.UInt32Value(
+                    value=zone_weights.get(zone, total) if priority == 0 else total
+                ),
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=_socket_address(e.address, e.port)
+                        ),
+                        load_balancing_weight=wrappers_pb2.UInt32Value(value=w),
+                    )
+                    for e, w in members
+                ],
+            )
     return assignment
 
 
-def build_group_resources(config: Config, group: NodeGroup) -> Resources:
-    """type_url -> name -> message for one node group, raw escape-hatch resources included."""
+def build_group_resources(
+    config: Config, group: NodeGroup, weights: Mapping[str, PoolWeights] | None = None
+) -> Resources:
+    """type_url -> name -> message for one node group, raw escape-hatch resources included.
+
+    `weights`: the weight engine's current weights per pool (pools without use the file's).
+    """
+    weights = weights or {}
     out: Resources = {type_url: {} for type_url in typeurls.ORDER}
     for name in group.listeners:
         spec = config.listener(name)
@@ -171,7 +197,7 @@ def build_group_resources(config: Config, group: NodeGroup) -> Resources:
     for name in group.pools:
         pool = config.pool(name)
         out[typeurls.CLUSTER][name] = cluster(pool)
-        out[typeurls.ENDPOINT][name] = cluster_load_assignment(pool)
+        out[typeurls.ENDPOINT][name] = cluster_load_assignment(pool, weights.get(name))
     raw = config.raw
     out[typeurls.CLUSTER].update((m.name, m) for m in raw.clusters)
     out[typeurls.LISTENER].update((m.name, m) for m in raw.listeners)
@@ -180,6 +206,10 @@ def build_group_resources(config: Config, group: NodeGroup) -> Resources:
     return out
 
 
-def build_all(config: Config) -> dict[str, Resources]:
+def build_all(
+    config: Config, weights: Mapping[str, PoolWeights] | None = None
+) -> dict[str, Resources]:
     """Resources for every node group, keyed by group name."""
-    return {group.name: build_group_resources(config, group) for group in config.node_groups}
+    return {
+        group.name: build_group_resources(config, group, weights) for group in config.node_groups
+    }
