@@ -1,0 +1,10 @@
+"""A vLLM-like model server to put behind Envoy: OpenAI API, continuous batching, ORCA, metrics.
+
+Real HTTP with load behaviour close enough to vLLM's that load-aware balancing can be
+measured against it, on a laptop: no GPU, no model, the engine sleeps for simulated time.
+
+Layout: `config` (the parameters, the fast/slow profiles, CLI flags), `engine` (the
+continuous-batching scheduler with its KV cache), `openai` (request parsing and response
+shapes), `orca` (the `endpoint-load-metrics` header), `metrics` (vLLM's Prometheus names),
+`server` (`ModelServer`: the aiohttp app), `command` (`xds-server simulate`).
+"""
