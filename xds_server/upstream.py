@@ -6,18 +6,29 @@ key on ports) so a client on the far side of Envoy can count requests per endpoi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 
 from aiohttp import web
 
 
 class Upstream:
-    """An aiohttp server on host:port that answers every request with 200 and its own name."""
+    """An aiohttp server on host:port that answers every request with 200 and its own name.
 
-    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    `headers` go on every answer too, e.g. an ORCA `endpoint-load-metrics` report.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.host = host
         self.port = port  # 0 until start() when ephemeral; then the real port
+        self.headers = dict(headers or {})
         self.requests = 0
         self._runner: web.AppRunner | None = None
 
@@ -40,7 +51,7 @@ class Upstream:
         await request.read()
         return web.json_response(
             {"upstream": self.name, "path": request.path, "method": request.method},
-            headers={"x-upstream": self.name, "x-upstream-port": str(self.port)},
+            headers={**self.headers, "x-upstream": self.name, "x-upstream-port": str(self.port)},
         )
 
     async def __aenter__(self) -> Upstream:

@@ -1,0 +1,274 @@
+"""LoadReportingService over real gRPC: handshake, reports into the store, pushes, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import grpc
+import pytest
+from envoy.service.load_stats.v3 import lrs_pb2
+
+from lrs.service import METHOD, SERVICE, LoadReportingService
+from lrs.store import LoadStore
+from tests.ports import free_port
+from tests.test_lrs_store import KV, endpoint, report
+from xds_server.bootstrap import XDS_CLUSTER, envoy_bootstrap
+from xds_server.cache import SnapshotCache
+from xds_server.clients import ClientRegistry
+from xds_server.envoy_process import EnvoyProcess
+from xds_server.model import parse_config
+from xds_server.resources import build_all
+from xds_server.server import DiscoveryServices, start_grpc_server
+from xds_server.upstream import Upstream
+
+A = "127.0.0.1:9001"
+GROUPS = {"edge": ["pool-a", "pool-b"]}
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+class LrsClient:
+    """One StreamLoadStats call; every request repeats the node, as Envoy's do."""
+
+    def __init__(self, channel: grpc.aio.Channel, node_id: str, node_cluster: str) -> None:
+        self.call = channel.stream_stream(
+            f"/{SERVICE}/{METHOD}",
+            request_serializer=_identity,
+            response_deserializer=lrs_pb2.LoadStatsResponse.FromString,
+        )()
+        self.node_id = node_id
+        self.node_cluster = node_cluster
+        self._pending: asyncio.Future[lrs_pb2.LoadStatsResponse] | None = None
+
+    async def send(self, request: lrs_pb2.LoadStatsRequest | None = None) -> None:
+        message = lrs_pb2.LoadStatsRequest()
+        if request is not None:
+            message.CopyFrom(request)
+        message.node.id, message.node.cluster = self.node_id, self.node_cluster
+        await self.call.write(message.SerializeToString())
+
+    async def recv(self, timeout: float = 5.0) -> lrs_pb2.LoadStatsResponse:
+        """The next response; a read left pending by expect_silence is the one to finish."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.call.read())
+        response = await asyncio.wait_for(asyncio.shield(self._pending), timeout)
+        self._pending = None
+        return response
+
+    async def expect_silence(self, seconds: float = 0.3) -> None:
+        with pytest.raises(TimeoutError):
+            await self.recv(seconds)
+
+
+class Rig:
+    def __init__(self, store: LoadStore, service: LoadReportingService, target: str) -> None:
+        self.store = store
+        self.service = service
+        self.groups = dict(GROUPS)
+        self.channel = grpc.aio.insecure_channel(target)
+
+    def client(self, node_id: str = "envoy-1", node_cluster: str = "edge") -> LrsClient:
+        return LrsClient(self.channel, node_id, node_cluster)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    store = LoadStore(window=5.0)
+    store.set_known({"pool-a": [A], "pool-b": [A]})
+    groups: dict[str, list[str]] = dict(GROUPS)
+    service = LoadReportingService(store, lambda c: groups.get(c, ["pool-a"]), interval=0.5)
+    server, port = await start_grpc_server(service.handlers(), "127.0.0.1", 0)
+    rig = Rig(store, service, f"127.0.0.1:{port}")
+    rig.groups = groups
+    try:
+        yield rig
+    finally:
+        await rig.channel.close()
+        await server.stop(grace=None)
+
+
+async def test_first_response_names_the_groups_clusters_interval_and_granularity(rig: Rig):
+    edge, other = rig.client("e1", "edge"), rig.client("e2", "somewhere")
+    await edge.send()
+    await other.send()
+    first = await edge.recv()
+    assert list(first.clusters) == ["pool-a", "pool-b"]
+    assert not first.send_all_clusters
+    assert first.load_reporting_interval.ToNanoseconds() == 500_000_000
+    assert first.report_endpoint_granularity
+    assert list((await other.recv()).clusters) == ["pool-a"]
+    assert rig.service.connected_reporters == 2
+
+
+async def test_reports_land_in_the_store(rig: Rig):
+    client = rig.client()
+    await client.send()
+    await client.recv()
+    stats = endpoint(A, ok=6, in_progress=2, metrics={KV: (6, 4.2)})
+    await client.send(report("pool-a", stats, interval=0.5))
+    await until(lambda: A in rig.store.pool_load("pool-a", time.monotonic()))
+    load = rig.store.pool_load("pool-a", time.monotonic())[A]
+    assert load.rps == pytest.approx(12.0)
+    assert load.metrics[KV] == pytest.approx(0.7)
+    assert load.in_progress == 2
+    assert rig.service.reports_received == 2
+    assert rig.service.endpoint_stats_ingested == 1
+
+
+async def test_same_node_on_two_streams_counts_as_two_reporters(rig: Rig):
+    first, second = rig.client("e1"), rig.client("e1")
+    for client in (first, second):
+        await client.send()
+        await client.recv()
+        await client.send(report("pool-a", endpoint(A, ok=1, in_progress=3)))
+    await until(lambda: rig.store.pool_load("pool-a", time.monotonic()).get(A) is not None)
+    await until(lambda: rig.store.pool_load("pool-a", time.monotonic())[A].in_progress == 6)
+
+
+async def test_reconnect_first_message_with_stats_is_ingested(rig: Rig):
+    client = rig.client()
+    await client.send(report("pool-b", endpoint(A, ok=4)))
+    await client.recv()
+    await until(lambda: A in rig.store.pool_load("pool-b", time.monotonic()))
+
+
+async def test_clusters_changed_pushes_only_where_the_list_changed(rig: Rig):
+    edge, other = rig.client("e1", "edge"), rig.client("e2", "core")
+    for client in (edge, other):
+        await client.send()
+        await client.recv()
+    rig.service.clusters_changed()  # nothing changed
+    await edge.expect_silence()
+    rig.groups["edge"] = ["pool-b"]
+    rig.service.clusters_changed()
+    pushed = await edge.recv()
+    assert list(pushed.clusters) == ["pool-b"] and pushed.report_endpoint_granularity
+    await other.expect_silence()
+
+
+async def test_disconnect_forgets_the_reporters_in_progress(rig: Rig):
+    stays, leaves = rig.client("stays"), rig.client("leaves")
+    for client, level in ((stays, 1), (leaves, 5)):
+        await client.send()
+        await client.recv()
+        await client.send(report("pool-a", endpoint(A, ok=2, in_progress=level)))
+    await until(lambda: rig.store.pool_load("pool-a", time.monotonic())[A].in_progress == 6)
+    leaves.call.cancel()
+    await until(lambda: rig.service.connected_reporters == 1)
+    load = rig.store.pool_load("pool-a", time.monotonic())[A]
+    assert load.in_progress == 1 and load.reporters == 1
+    assert load.rps > 0  # what it reported still counts until the window passes
+
+
+async def test_first_message_without_node_id_ends_the_stream(rig: Rig):
+    client = rig.client(node_id="")
+    await client.send()
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await client.recv()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rig.service.reports_rejected == 1
+    await until(lambda: not rig.service._streams)
+
+
+async def test_unparseable_report_is_counted_and_the_stream_goes_on(rig: Rig):
+    client = rig.client()
+    await client.send()
+    await client.recv()
+    await client.call.write(b"\x12\xff\xff")  # cluster_stats with a length past the end
+    await client.send(report("pool-a", endpoint(A, ok=1)))
+    await until(lambda: A in rig.store.pool_load("pool-a", time.monotonic()))
+    assert rig.service.reports_rejected == 1
+    assert rig.service.connected_reporters == 1
+
+
+def test_interval_must_be_positive():
+    with pytest.raises(ValueError):
+        LoadReportingService(LoadStore(), lambda c: [], interval=0)
+
+
+# --------------------------------------------------------------------------- real Envoy
+
+ORCA_HEADER = {"endpoint-load-metrics": f"TEXT {KV}=0.7"}
+
+
+def _orca_snapshot(listener_port: int, ports: list[int]) -> str:
+    endpoints = "\n".join(
+        f"      - {{address: 127.0.0.1, port: {port}, zone: zone-{i % 2}}}"
+        for i, port in enumerate(ports)
+    )
+    return f"""\
+listeners:
+  - name: inference
+    address: 127.0.0.1
+    port: {listener_port}
+    routes:
+      - prefix: /
+        pool: llama
+pools:
+  - name: llama
+    weighting: orca
+    endpoints:
+{endpoints}
+"""
+
+
+@pytest.mark.envoy
+async def test_real_envoy_reports_per_endpoint_rates_and_orca_means(tmp_path):
+    upstreams = [Upstream(f"u{i}", headers=ORCA_HEADER) for i in range(2)]
+    for upstream in upstreams:
+        await upstream.start()
+    listener_port = free_port()
+    config = parse_config(_orca_snapshot(listener_port, [u.port for u in upstreams]), "test")
+    cache, registry = SnapshotCache(), ClientRegistry()
+    cache.set_snapshot(build_all(config), lambda c: config.group_for(c).name)
+    store = LoadStore(window=5.0)
+    store.set_known({p.name: [e.key for e in p.endpoints] for p in config.pools})
+    lrs = LoadReportingService(store, lambda c: config.group_for(c).pools, interval=0.5)
+    handlers = DiscoveryServices(cache, registry).handlers() + lrs.handlers()
+    server, port = await start_grpc_server(handlers, "127.0.0.1", 0)
+    bootstrap = envoy_bootstrap("envoy-lrs", xds_port=port, envoy_admin_port=free_port())
+    [service] = bootstrap["cluster_manager"]["load_stats_config"]["grpc_services"]
+    assert service["envoy_grpc"]["cluster_name"] == XDS_CLUSTER
+    envoy = EnvoyProcess(bootstrap, tmp_path)
+    try:
+        await envoy.start()
+        await envoy.wait_ready()
+        keys = {e.key for e in config.pools[0].endpoints}
+        url = f"http://127.0.0.1:{listener_port}/v1/completions"
+        deadline = time.monotonic() + 15
+        async with aiohttp.ClientSession() as session:
+            while True:
+                for _ in range(20):
+                    async with session.post(url, json={}) as response:
+                        assert response.status == 200
+                        # Envoy must not leak backend load to callers.
+                        assert "endpoint-load-metrics" not in response.headers
+                loads = store.pool_load("llama", time.monotonic())
+                if set(loads) == keys and all(KV in load.metrics for load in loads.values()):
+                    break
+                assert time.monotonic() < deadline, f"no full LRS view: {loads}"
+                await asyncio.sleep(0.1)
+        for load in loads.values():
+            assert load.rps > 0 and load.reporters == 1
+            assert load.metrics[KV] == pytest.approx(0.7)
+        assert set(store.locality_load("llama", time.monotonic())) == {"zone-0", "zone-1"}
+        assert store.ignored["unknown_cluster"] == 0  # the xds cluster is not asked for
+        assert lrs.reports_rejected == 0 and lrs.connected_reporters == 1
+    finally:
+        await envoy.stop()
+        await server.stop(grace=None)
+        for upstream in upstreams:
+            await upstream.stop()
