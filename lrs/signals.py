@@ -25,7 +25,7 @@ class EndpointLoad:
     in_progress: float = 0.0  # requests in flight, summed over reporters' latest reports
     metrics: Mapping[str, float] = field(default_factory=dict)  # metric name -> mean value
     age: float = 0.0  # seconds since the freshest report that carried this endpoint
-    reporters: int = 0  # Envoys whose reports are in the window
+    reporters: int = 0  # Envoys whose latest report (in the window) listed this endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +47,15 @@ class PoolWeights:
     localities: zone -> weight in 1..MAX_WEIGHT for every zone present.
     saturated: keys moved to priority 1, so Envoy spills to them only when the rest
     of the pool is unhealthy; never every endpoint of a pool.
+    explain: key -> why that weight (state, bottleneck, the smoothed signals used), for
+    the admin API; JSON-ready values. Left out of equality: it does not change what
+    Envoy is sent.
     """
 
     endpoints: Mapping[str, int]
     localities: Mapping[str, int]
     saturated: frozenset[str] = frozenset()
+    explain: Mapping[str, Mapping[str, object]] = field(default_factory=dict, compare=False)
 
 
 #: Envoy's limit for endpoint weights, and for the sum of a locality's weights (uint32).

@@ -1,0 +1,179 @@
+"""Weight recompute benchmark: how long HeadroomPolicy takes to weight a whole fleet.
+
+Every round gives each pool fresh load reports (new values, so every sample is
+folded into the averages: the full path, not the "same report again" shortcut)
+and times one `compute` per pool, back to back, as the weight engine would run
+them. Inputs are built before the clock starts. Target: a full recompute of
+10,000 endpoints (500 pools x 20) under 20 ms.
+
+Signals are drawn to look like a vLLM fleet behind Envoy: each endpoint has a
+steady 1-20 requests/s and 10-90 % KV-cache use, jittered every round; 5 % are
+hot (KV-cache full, a queue of 4-12: the saturation path runs); a few report
+errors, 2 % of reports are missing and 1 % of endpoints are new (blackout).
+
+    .venv/bin/python bench/weights.py                    # 500 pools x 20, 50 rounds
+    .venv/bin/python bench/weights.py --pools 50 --repeat 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lrs.headroom import HeadroomPolicy
+from lrs.params import Params
+from lrs.signals import EndpointInput, EndpointLoad
+
+TARGET_MS = 20.0
+ZONES = ("zone-a", "zone-b", "zone-c")
+#: Seconds between rounds: the LRS reporting interval the engine would recompute on.
+INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """One endpoint's steady load, jittered every round: busy, mostly healthy, a few hot."""
+
+    key: str
+    zone: str
+    static_weight: int
+    rps: float
+    kv_cache: float
+    hot: bool  # a queue builds up: the saturation path runs
+
+
+def fleet(rng: random.Random, pools: int, size: int) -> list[list[Profile]]:
+    return [
+        [
+            Profile(
+                key=f"10.{pool // 250}.{pool % 250}.{index + 1}:8000",
+                zone=ZONES[index % len(ZONES)],
+                static_weight=1 + index % 2,
+                rps=rng.uniform(1.0, 20.0),
+                kv_cache=rng.uniform(0.1, 0.9),
+                hot=rng.random() < 0.05,
+            )
+            for index in range(size)
+        ]
+        for pool in range(pools)
+    ]
+
+
+def fleet_round(
+    rng: random.Random, profiles: list[list[Profile]], now: float
+) -> list[list[EndpointInput]]:
+    """One round of inputs for every pool: fresh reports, a few missing, a few new endpoints."""
+    result = []
+    for pool in profiles:
+        endpoints = []
+        for profile in pool:
+            known_since = now - rng.uniform(0.0, 15.0) if rng.random() < 0.01 else -3600.0
+            load = None
+            if rng.random() >= 0.02:
+                rps = profile.rps * rng.uniform(0.9, 1.1)
+                kv_cache = 0.98 if profile.hot else profile.kv_cache * rng.uniform(0.95, 1.05)
+                load = EndpointLoad(
+                    rps=rps,
+                    error_rps=rps * 0.05 if rng.random() < 0.05 else 0.0,
+                    issued_rps=rps,
+                    in_progress=rps * rng.uniform(2.0, 8.0),
+                    metrics={
+                        "named_metrics.kv_cache_usage_perc": kv_cache,
+                        "named_metrics.num_requests_waiting": (
+                            rng.uniform(4.0, 12.0) if profile.hot else 0.0
+                        ),
+                    },
+                    age=rng.uniform(0.0, 0.9),
+                    reporters=3,
+                )
+            endpoints.append(
+                EndpointInput(profile.key, profile.zone, profile.static_weight, load, known_since)
+            )
+        result.append(endpoints)
+    return result
+
+
+def _p99(ordered: list[float]) -> float:
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def run(pools: int, size: int, repeat: int, warmup: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    profiles = fleet(rng, pools, size)
+    policies = [HeadroomPolicy(Params()) for _ in range(pools)]
+    times: list[float] = []
+    cpu_times: list[float] = []
+    states: dict[str, int] = {}
+    now = 1000.0
+    for round_number in range(warmup + repeat):
+        now += INTERVAL
+        inputs = fleet_round(rng, profiles, now)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        results = [
+            policy.compute(endpoints, now)
+            for policy, endpoints in zip(policies, inputs, strict=True)
+        ]
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        if round_number >= warmup:
+            times.append(elapsed * 1000.0)
+            cpu_times.append(cpu * 1000.0)
+            for weights in results:
+                for why in weights.explain.values():
+                    state = str(why["state"])
+                    states[state] = states.get(state, 0) + 1
+    times.sort()
+    endpoints = pools * size
+    median = statistics.median(times)
+    return {
+        "endpoints": endpoints,
+        "rounds": repeat,
+        "median_ms": median,
+        "p99_ms": _p99(times),
+        "min_ms": times[0],
+        "max_ms": times[-1],
+        "cpu_median_ms": statistics.median(cpu_times),
+        "cpu_p99_ms": _p99(sorted(cpu_times)),
+        "us_per_endpoint": median * 1000.0 / endpoints,
+        "load_average": os.getloadavg()[0],
+        "states_per_round": {k: v / repeat for k, v in sorted(states.items())},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pools", type=int, default=500, help="pools (default 500)")
+    parser.add_argument("--endpoints", type=int, default=20, help="endpoints per pool (20)")
+    parser.add_argument("--repeat", type=int, default=50, help="timed rounds (default 50)")
+    parser.add_argument("--warmup", type=int, default=15, help="untimed rounds first (15)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed for the signals")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    figures = run(args.pools, args.endpoints, args.repeat, args.warmup, args.seed)
+    print(
+        f"full recompute, {figures['endpoints']:,} endpoints "
+        f"({args.pools} pools x {args.endpoints}), {args.repeat} rounds:"
+    )
+    print(f"  median {figures['median_ms']:.2f} ms   p99 {figures['p99_ms']:.2f} ms")
+    print(f"  min {figures['min_ms']:.2f} ms   max {figures['max_ms']:.2f} ms")
+    print(
+        f"  process CPU: median {figures['cpu_median_ms']:.2f} ms   "
+        f"p99 {figures['cpu_p99_ms']:.2f} ms   (1-min load average {figures['load_average']:.2f})"
+    )
+    print(f"  {figures['us_per_endpoint']:.2f} us per endpoint")
+    states = ", ".join(f"{k} {v:.0f}" for k, v in figures["states_per_round"].items())
+    print(f"  endpoint states per round: {states}")
+    verdict = "met" if figures["median_ms"] < TARGET_MS else "NOT met"
+    print(f"  target: median under {TARGET_MS:.0f} ms: {verdict}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
