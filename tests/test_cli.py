@@ -83,6 +83,8 @@ async def test_serve_runs_until_sigterm_and_exits_cleanly():
         str(free_port()),
         "--admin-port",
         str(admin),
+        "--router-port",
+        "0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -102,6 +104,7 @@ async def test_serve_runs_until_sigterm_and_exits_cleanly():
 def test_serve_refuses_an_invalid_file(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("pools: [{name: p, lb_policy: random}]\n")
-    result = run("serve", "--snapshot", str(bad), "--xds-port", "0", "--admin-port", "0")
+    ports = ("--xds-port", "0", "--admin-port", "0", "--router-port", "0")
+    result = run("serve", "--snapshot", str(bad), *ports)
     assert result.returncode == 2
     assert f"{bad}: pools[0].lb_policy" in result.stderr

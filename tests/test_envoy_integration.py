@@ -106,7 +106,9 @@ async def rig(request, tmp_path: Path) -> AsyncIterator[Rig]:
     doc = _doc(listener_port, [u.port for u in upstreams[:3]])
     path = tmp_path / "snapshot.yaml"
     path.write_text(yaml.safe_dump(doc))
-    plane = ControlPlane(Settings(snapshot=path, xds_port=0, admin_port=0, watch_interval=0.05))
+    plane = ControlPlane(
+        Settings(snapshot=path, xds_port=0, admin_port=0, router_port=0, watch_interval=0.05)
+    )
     await plane.start()
     bootstrap = envoy_bootstrap(
         node_id="envoy-test",

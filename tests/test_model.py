@@ -63,6 +63,7 @@ def test_minimal_file_gets_defaults() -> None:
             10000,
             "0.0.0.0",
             (Route("llama", model="llama"), Route("llama", prefix="/")),
+            body_routing=True,  # on by default for a listener with model routes
         ),
     )
     assert config.pools == (

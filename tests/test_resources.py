@@ -38,7 +38,7 @@ def names(resources: dict[str, dict[str, Message]]) -> dict[str, list[str]]:
 
 def test_demo_names(demo_resources) -> None:
     assert names(demo_resources) == {
-        "clusters": ["llama-3-8b"],
+        "clusters": ["_body_router", "llama-3-8b"],  # its model route turns body routing on
         "endpoints": ["llama-3-8b"],
         "listeners": ["inference"],
         "routes": ["inference"],
@@ -59,7 +59,8 @@ def test_listener_uses_rds_over_ads(demo_resources) -> None:
     assert manager.rds.route_config_name == "inference"
     assert manager.rds.config_source.HasField("ads")
     assert manager.rds.config_source.resource_api_version == 2  # V3
-    (http_filter,) = manager.http_filters
+    body_router, http_filter = manager.http_filters  # body routing: ext_proc, then the router
+    assert body_router.name == "envoy.filters.http.ext_proc"
     assert http_filter.name == "envoy.filters.http.router"
     assert http_filter.typed_config.Is(router_pb2.Router.DESCRIPTOR)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,14 @@ import grpc
 from aiohttp import web
 
 from xds_server.admin import AdminApi, start_admin
+from xds_server.admin.auth import resolve_token
+from xds_server.body_router import BodyRouter
 from xds_server.cache import SnapshotCache
 from xds_server.clients import ClientRegistry
 from xds_server.config_source import ConfigSource
+from xds_server.fleet import FleetView, LoadProvider
+from xds_server.metrics import Metrics
+from xds_server.overlay_state import OverlayState
 from xds_server.publisher import Publisher
 from xds_server.server import DiscoveryServices, start_grpc_server
 
@@ -28,6 +34,10 @@ class Settings:
     admin_port: int = 8080
     admin_host: str = "127.0.0.1"
     watch_interval: float = 0.2
+    state: Path | None = None  # where admin API changes persist; None keeps them in memory
+    admin_token_file: Path | None = None  # else $XDS_ADMIN_TOKEN; neither: changes refused
+    admin_debounce: float = 0.05  # API changes within this many seconds publish together
+    router_port: int = 18001  # the body router (ext_proc); 0 picks a free port
 
 
 class ControlPlane:
@@ -38,23 +48,41 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.registry = ClientRegistry()
         self.publisher = Publisher(self.cache)
-        self.source = ConfigSource(settings.snapshot, self.publisher)
+        self.overlay = OverlayState(settings.state)
+        self.source = ConfigSource(settings.snapshot, self.publisher, self.overlay.apply)
+        self.fleet = FleetView(self.publisher, self.source, self.overlay)
+        self.metrics = Metrics(self.cache, self.registry, self.fleet)
+        self._admin_api: AdminApi | None = None
         self.xds_port = settings.xds_port
         self.admin_port = settings.admin_port
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._watcher: asyncio.Task | None = None
+        self.body_router = BodyRouter(self.metrics.registry)
+        self.publisher.on_config.append(self.body_router.update)
+        self.router_port = settings.router_port
+        self._router: grpc.aio.Server | None = None
 
     async def start(self) -> None:
-        """Raises SnapshotError when the initial file is invalid: there is no good config yet."""
-        await self.source.load(strict=True)
+        """Raises SnapshotError when the initial file is invalid: there is no good config yet;
+        TokenError or StateFileError (before anything listens) for an unusable token or state."""
+        token = resolve_token(self.settings.admin_token_file)
+        await self.overlay.load()
+        await self._start_body_router()
+        try:
+            await self.source.load(strict=True)
+        except BaseException:
+            await self.stop(0)
+            raise
         services = DiscoveryServices(self.cache, self.registry)
         self._grpc, self.xds_port = await start_grpc_server(
             services.handlers(), self.settings.host, self.settings.xds_port
         )
-        admin = AdminApi(self.cache, self.registry, self.source)
+        self._admin_api = AdminApi(
+            self.cache, self.registry, self.fleet, self.metrics, token, self.settings.admin_debounce
+        )
         self._admin, self.admin_port = await start_admin(
-            admin.app(), self.settings.admin_host, self.settings.admin_port
+            await self._admin_api.app(), self.settings.admin_host, self.settings.admin_port
         )
         self._watcher = asyncio.create_task(self.source.watch(self.settings.watch_interval))
         log.info(
@@ -88,13 +116,36 @@ class ControlPlane:
             f"node {node_id!r} did not take snapshot generation > {since} within {timeout} s"
         )
 
+    async def _start_body_router(self) -> None:
+        """First, so that configs naming no router address point Envoy at this one's port."""
+        host = self.settings.host
+        self._router, self.router_port = await start_grpc_server(
+            self.body_router.handlers(), host, self.settings.router_port
+        )
+        reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.publisher.body_router = (reachable, self.router_port)
+        log.info("body router (ext_proc) on %s:%d", host, self.router_port)
+
+    def observe_load(
+        self, loads: LoadProvider, reports_received: Callable[[], float] | None = None
+    ) -> None:
+        """Show load signals (pool -> endpoint key -> EndpointLoad) in the admin API, the
+        status page and /metrics; `reports_received` counts LRS reports for /metrics."""
+        self.fleet.loads = loads
+        self.metrics.load.reports_received = reports_received
+
     async def stop(self, grace: float = 1.0) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self._admin_api is not None:
+            self._admin_api.close()
         if self._admin is not None:
             await self._admin.cleanup()
+        self.metrics.close()
+        if self._router is not None:
+            await self._router.stop(grace)
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from xds_server import __version__
+from xds_server.simulator.config import add_arguments as add_simulator_arguments
 
 DEFAULT_SNAPSHOT = "data/demo.yaml"
 
@@ -60,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-host", default="127.0.0.1", help="admin bind address (default 127.0.0.1)"
     )
+    serve.add_argument(
+        "--router-port",
+        type=_port,
+        default=18001,
+        help="body router (ext_proc) gRPC port on --host (default 18001; 0 picks a free one, "
+        "and the generated config follows it)",
+    )
+    serve.add_argument(
+        "--state",
+        type=Path,
+        help="JSON file where admin API changes (drains, added/removed endpoints) persist "
+        "across restarts (default: kept in memory only)",
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="file holding the bearer token that admin API changes need (default: "
+        "$XDS_ADMIN_TOKEN; with neither, changes are refused)",
+    )
 
     validate = sub.add_parser(
         "validate",
@@ -99,6 +119,44 @@ def build_parser() -> argparse.ArgumentParser:
         "where requests went. Cleans up after itself.",
     )
     demo.add_argument("--requests", type=int, default=300, help="requests per phase (default 300)")
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="run vLLM-like simulated model servers (OpenAI API, ORCA, /metrics)",
+        description="Serve simulated vLLM model servers until SIGINT/SIGTERM: continuous "
+        "batching over a KV cache in simulated time, ORCA load headers, vLLM metric names. "
+        "Parameter flags override the profile's values.",
+    )
+    simulate.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    simulate.add_argument(
+        "--port", type=_port, default=8001, help="first port; 0 for ephemeral (default 8001)"
+    )
+    simulate.add_argument(
+        "--count", type=int, default=1, help="servers on consecutive ports (default 1)"
+    )
+    add_simulator_arguments(simulate)
+
+    router = sub.add_parser(
+        "body-router",
+        help="run the body-based model router (Envoy ext_proc) on its own",
+        description="Serve the body router alone until SIGINT/SIGTERM: Envoy's external "
+        "processor that reads the model from OpenAI-style JSON bodies and sets "
+        "x-gateway-model-name. It follows the listeners and model routes of a snapshot file "
+        "(the one the control plane serves), reloading it on every edit. `serve` runs one "
+        "itself; use this when Envoy's router should run elsewhere.",
+    )
+    router.add_argument(
+        "--snapshot", type=Path, help="snapshot YAML file (default: the embedded demo.yaml)"
+    )
+    router.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    router.add_argument(
+        "--port", type=_port, default=18001, help="gRPC port (default 18001; 0 picks a free one)"
+    )
+    router.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: not served)",
+    )
     return parser
 
 
@@ -135,8 +193,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from xds_server.admin.auth import TokenError
     from xds_server.app import ControlPlane, Settings
     from xds_server.model import SnapshotError
+    from xds_server.overlay_state import StateFileError
 
     settings = Settings(
         snapshot=args.snapshot or default_snapshot(),
@@ -144,6 +204,9 @@ async def _serve(args: argparse.Namespace) -> int:
         xds_port=args.xds_port,
         admin_port=args.admin_port,
         admin_host=args.admin_host,
+        router_port=args.router_port,
+        state=args.state,
+        admin_token_file=args.admin_token_file,
     )
     plane = ControlPlane(settings)
     try:
@@ -153,17 +216,42 @@ async def _serve(args: argparse.Namespace) -> int:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    except OSError as err:
+    except (OSError, StateFileError, TokenError) as err:
         print(f"xds-server: {err}", file=sys.stderr)
         await plane.stop(0)
         return 2
+    await _until_signalled()
+    await plane.stop()
+    return 0
+
+
+async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logging.getLogger(__name__).info("shutting down")
-    await plane.stop()
+
+
+async def _body_router(args: argparse.Namespace) -> int:
+    from xds_server.body_router import StandaloneRouter
+    from xds_server.model import SnapshotError
+
+    snapshot = args.snapshot or default_snapshot()
+    router = StandaloneRouter(snapshot, args.host, args.port, args.metrics_port)
+    try:
+        await router.start()
+    except SnapshotError as err:
+        print(f"xds-server: {router.source.path} is not valid:", file=sys.stderr)
+        print("\n".join(f"  {problem}" for problem in err.problems), file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"xds-server: {err}", file=sys.stderr)
+        await router.stop(0)
+        return 2
+    await _until_signalled()
+    await router.stop()
     return 0
 
 
@@ -171,6 +259,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from xds_server.demo import run_demo
 
     return asyncio.run(run_demo(requests_per_phase=args.requests))
+
+
+def cmd_body_router(args: argparse.Namespace) -> int:
+    return asyncio.run(_body_router(args))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from xds_server.simulator.command import run_simulate
+
+    return asyncio.run(run_simulate(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "serve":
         return asyncio.run(_serve(args))
-    handlers = {"validate": cmd_validate, "bootstrap": cmd_bootstrap, "demo": cmd_demo}
+    handlers = {
+        "validate": cmd_validate,
+        "bootstrap": cmd_bootstrap,
+        "demo": cmd_demo,
+        "simulate": cmd_simulate,
+        "body-router": cmd_body_router,
+    }
     return handlers[args.command](args)
 
 

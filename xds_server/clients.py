@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from xds_server import typeurls
 from xds_server.cache import GroupSnapshot
@@ -26,18 +27,65 @@ class Nack:
     at: float
 
 
+class ClientObserver(Protocol):
+    """Hears each protocol event as it is recorded (metrics); runs on the loop: be quick.
+
+    event is "response" (one sent), "ack" or "nack"; type_url says of which type.
+    """
+
+    def __call__(self, event: str, client: Client, type_url: str) -> None: ...
+
+
+def _unobserved(_event: str) -> None:
+    pass
+
+
 @dataclass(slots=True)
 class TypeStatus:
-    """One client's state for one resource type."""
+    """One client's state for one resource type.
+
+    The protocol code records by assigning: `responses += 1` for a response sent,
+    `acked_version = ...` for an ACK, `last_nack = Nack(...)` for a NACK. Those three
+    are properties that also report the event, so observers (metrics) hear of it
+    while sotw.py and delta.py know nothing of them.
+    """
 
     sent_version: str = ""
     sent_at: float = 0.0
-    acked_version: str = ""
     acked_at: float = 0.0
     synced_version: str = ""  # snapshot version at which nothing was pending for this client
-    last_nack: Nack | None = None
-    responses: int = 0
     subscribed: list[str] | None = None  # None: wildcard
+    _responses: int = 0
+    _acked_version: str = ""
+    _last_nack: Nack | None = None
+    _report: Callable[[str], None] = _unobserved
+
+    @property
+    def responses(self) -> int:
+        return self._responses
+
+    @responses.setter
+    def responses(self, count: int) -> None:
+        self._responses = count
+        self._report("response")
+
+    @property
+    def acked_version(self) -> str:
+        return self._acked_version
+
+    @acked_version.setter
+    def acked_version(self, version: str) -> None:
+        self._acked_version = version
+        self._report("ack")
+
+    @property
+    def last_nack(self) -> Nack | None:
+        return self._last_nack
+
+    @last_nack.setter
+    def last_nack(self, nack: Nack | None) -> None:
+        self._last_nack = nack
+        self._report("nack")
 
 
 @dataclass(slots=True)
@@ -54,12 +102,23 @@ class Client:
     user_agent: str = ""
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeStatus] = field(default_factory=dict)
+    observers: Sequence[ClientObserver] = ()
 
     def status(self, type_url: str) -> TypeStatus:
         found = self.types.get(type_url)
         if found is None:
-            found = self.types[type_url] = TypeStatus()
+            found = self.types[type_url] = TypeStatus(_report=self._reporter(type_url))
         return found
+
+    def _reporter(self, type_url: str) -> Callable[[str], None]:
+        if not self.observers:
+            return _unobserved
+
+        def report(event: str) -> None:
+            for observer in self.observers:
+                observer(event, self, type_url)
+
+        return report
 
     def in_sync(self, group: GroupSnapshot) -> bool:
         """Every type it asked for has been answered at the group's current version.
@@ -91,6 +150,15 @@ class Client:
         }
 
 
+def sync_state(status: TypeStatus, current: str) -> str:
+    """in_sync: answered at the current version; rejected: the latest answer was a NACK (the
+    client keeps its previous config); pending: a newer version is not ACKed yet."""
+    nack = status.last_nack
+    if nack is not None and nack.at >= status.acked_at:
+        return "rejected"
+    return "in_sync" if status.synced_version == current else "pending"
+
+
 def _status_json(status: TypeStatus, current: str) -> dict[str, Any]:
     nack = status.last_nack
     return {
@@ -98,6 +166,7 @@ def _status_json(status: TypeStatus, current: str) -> dict[str, Any]:
         "sent_version": status.sent_version,
         "acked_version": status.acked_version,
         "in_sync": status.synced_version == current,
+        "state": sync_state(status, current),
         "responses": status.responses,
         "subscribed": status.subscribed,
         "last_nack": None
@@ -112,9 +181,17 @@ class ClientRegistry:
     def __init__(self) -> None:
         self._clients: dict[int, Client] = {}
         self._ids = itertools.count(1)
+        #: Told of every response, ACK and NACK of every client opened after they were added.
+        self.observers: list[ClientObserver] = []
 
     def open(self, protocol: str, service: str, peer: str = "") -> Client:
-        client = Client(stream_id=next(self._ids), protocol=protocol, service=service, peer=peer)
+        client = Client(
+            stream_id=next(self._ids),
+            protocol=protocol,
+            service=service,
+            peer=peer,
+            observers=tuple(self.observers),
+        )
         self._clients[client.stream_id] = client
         return client
 

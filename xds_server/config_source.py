@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,18 @@ def _fingerprint(path: Path) -> tuple[int, int, int] | None:
 class ConfigSource:
     """Publishes the snapshot file into the cache and keeps it in sync with edits."""
 
-    def __init__(self, path: Path, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        path: Path,
+        publisher: Publisher,
+        overlay: Callable[[Config], Config] | None = None,
+    ) -> None:
         self.path = path
         self.publisher = publisher
+        #: The admin API's changes over the file (xds_server.overlay), applied on every publish.
+        self.overlay = overlay or (lambda config: config)
         self.config: Config | None = None
+        self._publishing = asyncio.Lock()
         self.last: LoadOutcome | None = None
         self.loaded_at = 0.0
         self.reloads = 0
@@ -67,7 +76,7 @@ class ConfigSource:
                 raise
             return False
         self.config = config
-        await self.publisher.publish_config(config)
+        await self.publish()
         self.reloads += 1
         self.loaded_at = time.time()
         self.last = LoadOutcome(self.loaded_at, True, [])
@@ -79,6 +88,13 @@ class ConfigSource:
             len(config.node_groups),
         )
         return True
+
+    async def publish(self) -> None:
+        """Serve the loaded file with the overlay over it: after a reload, and after an API
+        change. One at a time, reading both at the start, so an older build never lands last."""
+        async with self._publishing:
+            if self.config is not None:
+                await self.publisher.publish_config(self.overlay(self.config))
 
     async def watch(self, interval: float = 0.2, settle: float = 0.05) -> None:
         """Reload whenever the file changes (polling: works for editors that rename over it)."""

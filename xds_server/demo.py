@@ -67,7 +67,13 @@ class Demo:
             await self.add_upstream(endpoint)
         self.write()
         self.plane = ControlPlane(
-            Settings(snapshot=self.snapshot, xds_port=0, admin_port=0, watch_interval=0.1)
+            Settings(
+                snapshot=self.snapshot,
+                xds_port=0,
+                admin_port=0,
+                router_port=0,
+                watch_interval=0.1,
+            )
         )
         await self.plane.start()
         bootstrap = envoy_bootstrap(

@@ -31,6 +31,15 @@ DEFAULT_GROUP: Final = "default"
 LB_POLICIES: Final = ("round_robin", "least_request")
 WEIGHTINGS: Final = ("static", "orca")
 MODEL_HEADER: Final = "x-gateway-model-name"
+#: Where Envoy finds the body router when the file names no address (`xds-server serve` runs
+#: one there; `--router-port` moves it, and then the generated config follows).
+BODY_ROUTER_ADDRESS: Final = "127.0.0.1"
+BODY_ROUTER_PORT: Final = 18001
+FAILURE_MODES: Final = ("closed", "open")
+#: The router takes a whole body in one gRPC message; its server accepts 16 MiB messages.
+MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+#: Envoy's ext_proc message_timeout may not exceed an hour.
+MAX_ROUTER_TIMEOUT: Final = 3600.0
 MAX_WEIGHT: Final = 1_000_000
 UINT32_MAX: Final = 2**32 - 1
 #: The largest protobuf Duration, in seconds: anything above cannot be encoded.
@@ -56,6 +65,8 @@ class Endpoint:
     port: int
     zone: str = ""
     weight: int = 1
+    #: Set by an admin API drain (never by the file): Envoy sends it no new requests.
+    draining: bool = False
 
     @property
     def key(self) -> str:
@@ -77,21 +88,75 @@ class Pool:
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    """Either a model route (header match) or a prefix route; timeout 0 disables it."""
+class SplitTarget:
+    """One pool of a traffic split and its relative weight (Envoy weighted_clusters)."""
 
     pool: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Either a model route (header match) or a prefix route; timeout 0 disables it.
+
+    It sends to one `pool`, or (pool None) shares traffic between the pools of `split`
+    by weight: canaries and LoRA-adapter rollouts of one model.
+    """
+
+    pool: str | None
     model: str | None = None
     prefix: str | None = None
     timeout: float = 300.0
+    split: tuple[SplitTarget, ...] = ()
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool this route can send to."""
+        return (self.pool,) if self.pool is not None else tuple(t.pool for t in self.split)
 
 
 @dataclass(frozen=True, slots=True)
 class Listener:
+    """body_routing: Envoy asks the body router for each request's model (ext_proc)."""
+
     name: str
     port: int
     address: str = "0.0.0.0"
     routes: tuple[Route, ...] = ()
+    body_routing: bool = False
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model names its routes match, in file order."""
+        return tuple(route.model for route in self.routes if route.model is not None)
+
+    @property
+    def has_fallback(self) -> bool:
+        """Whether a prefix route catches requests that name no model."""
+        return any(route.model is None for route in self.routes)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyRouterSettings:
+    """How Envoy reaches and uses the body router (the `body_router:` section).
+
+    address/port None: the file names no router, so the control plane's own is used.
+    failure_mode "closed" answers 503 while the router is unreachable; "open" lets
+    requests through unrouted by body (to a header-matched or prefix route), which can
+    send a request to the wrong model's pool: closed is the default for that reason.
+    """
+
+    address: str | None = None
+    port: int | None = None
+    timeout: float = 1.0
+    failure_mode: str = FAILURE_MODES[0]
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    def target(self, default: tuple[str, int]) -> tuple[str, int]:
+        """The router's address, the file's where it names one, else `default`."""
+        if self.address is None and self.port is None:
+            return default
+        return (self.address or BODY_ROUTER_ADDRESS, self.port or BODY_ROUTER_PORT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +188,7 @@ class Config:
     pools: tuple[Pool, ...]
     node_groups: tuple[NodeGroup, ...]
     raw: RawResources
+    body_router: BodyRouterSettings = BodyRouterSettings()
 
     def group_for(self, node_cluster: str) -> NodeGroup:
         """Nodes whose cluster no group claims get the default group."""
@@ -198,6 +264,7 @@ _STRING: Final = _Kind("a string", lambda v: isinstance(v, str))
 _INTEGER: Final = _Kind("an integer", _is_int)
 _NUMBER: Final = _Kind("a number", lambda v: _is_int(v) or isinstance(v, float))
 _LIST: Final = _Kind("a list", lambda v: isinstance(v, list))
+_BOOLEAN: Final = _Kind("true or false", lambda v: isinstance(v, bool))
 _REQUIRED: Final = object()
 
 
@@ -360,10 +427,12 @@ def _unknown(what: str, name: str, known: set[str]) -> str:
 
 _ENDPOINT_KEYS: Final = ("address", "port", "zone", "weight")
 _POOL_KEYS: Final = ("name", "lb_policy", "weighting", "connect_timeout", "endpoints")
-_ROUTE_KEYS: Final = ("model", "prefix", "pool", "timeout")
-_LISTENER_KEYS: Final = ("name", "port", "address", "routes")
+_ROUTE_KEYS: Final = ("model", "prefix", "pool", "split", "timeout")
+_SPLIT_KEYS: Final = ("pool", "weight")
+_LISTENER_KEYS: Final = ("name", "port", "address", "body_routing", "routes")
+_BODY_ROUTER_KEYS: Final = ("address", "port", "timeout", "failure_mode", "max_body_bytes")
 _GROUP_KEYS: Final = ("name", "node_clusters", "listeners", "pools")
-_TOP_KEYS: Final = ("listeners", "pools", "node_groups", "envoy")
+_TOP_KEYS: Final = ("listeners", "pools", "node_groups", "body_router", "envoy")
 
 _EDS_HINT: Final = "; EDS endpoints are not resolved by DNS, so give the IP address"
 _WEIGHT_HINT: Final = " (Envoy rejects weight 0: remove or drain the endpoint instead)"
@@ -434,14 +503,68 @@ def _read_route(r: _Reader, value: object, path: str, pool_names: set[str]) -> R
     if prefix is not None and not prefix.startswith("/"):
         r.problem(_join(path, "prefix"), f"a path prefix starts with '/', got {prefix!r}")
         prefix = None
+    timeout = r.seconds(m, "timeout", path, 300.0, 0, " (0 disables the timeout)")
+    if (m.get("pool") is None) == (m.get("split") is None):
+        r.problem(path, "a route needs exactly one of 'pool' or 'split' (pools sharing by weight)")
+        return None
+    split: tuple[SplitTarget, ...] = ()
+    if m.get("split") is None:
+        pool = _pool_reference(r, m, path, pool_names)
+        routable = pool is not None
+    else:
+        pool, split = None, _read_split(r, m, path, pool_names)
+        routable = bool(split)
+    if not routable or timeout is None or (model is None and prefix is None):
+        return None
+    return Route(pool, model, prefix, timeout, split)
+
+
+def _pool_reference(r: _Reader, m: dict, path: str, pool_names: set[str]) -> str | None:
     pool = r.value(m, "pool", path, _STRING)
     if pool is not None and pool not in pool_names:
         r.problem(_join(path, "pool"), _unknown("pool", pool, pool_names))
-        pool = None
-    timeout = r.seconds(m, "timeout", path, 300.0, 0, " (0 disables the timeout)")
-    if pool is None or timeout is None or (model is None and prefix is None):
         return None
-    return Route(pool, model, prefix, timeout)
+    return pool
+
+
+def _read_split(r: _Reader, m: dict, path: str, pool_names: set[str]) -> tuple[SplitTarget, ...]:
+    """Empty when anything is wrong (a problem is recorded), so no partial split is served."""
+    here = _join(path, "split")
+    items = m["split"]
+    if not isinstance(items, list) or not items:
+        r.problem(here, f"expected a non-empty list of {{pool, weight}}, got {_describe(items)}")
+        return ()
+    entries: list[tuple[str, SplitTarget]] = []
+    broken = False
+    for index, item in enumerate(items):
+        item_path = f"{here}[{index}]"
+        target = _read_split_target(r, item, item_path, pool_names)
+        broken |= target is None
+        if target is not None:
+            entries.append((item_path, target))
+    r.duplicates(((p, t.pool) for p, t in entries), "pool in the split", "; merge the weights")
+    pools = [t.pool for _, t in entries]
+    if broken or len(set(pools)) != len(pools):
+        return ()
+    if sum(t.weight for _, t in entries) > UINT32_MAX:
+        r.problem(here, f"weights sum over Envoy's limit {UINT32_MAX}")
+        return ()
+    return tuple(t for _, t in entries)
+
+
+def _read_split_target(
+    r: _Reader, value: object, path: str, pool_names: set[str]
+) -> SplitTarget | None:
+    m = r.mapping(value, path, _SPLIT_KEYS)
+    if m is None:
+        return None
+    pool = _pool_reference(r, m, path, pool_names)
+    weight = r.integer(
+        m, "weight", path, 1, MAX_WEIGHT, _REQUIRED, " (a share of traffic; remove the entry for 0)"
+    )
+    if pool is None or weight is None:
+        return None
+    return SplitTarget(pool, weight)
 
 
 def _read_listener(r: _Reader, value: object, path: str, pool_names: set[str]) -> Listener | None:
@@ -451,12 +574,58 @@ def _read_listener(r: _Reader, value: object, path: str, pool_names: set[str]) -
     name = r.name(m, path)
     port = r.integer(m, "port", path, 1, 65535)
     address = r.ip(m, "address", path, "0.0.0.0", "")
-    routes = [
-        route for p, v in r.items(m, "routes", path) if (route := _read_route(r, v, p, pool_names))
+    entries = [
+        (p, route)
+        for p, v in r.items(m, "routes", path)
+        if (route := _read_route(r, v, p, pool_names))
     ]
-    if name is None or port is None or address is None:
+    r.duplicates(
+        ((p, route.model) for p, route in entries if route.model is not None),
+        "model",
+        "; the first route for a model takes all its requests",
+    )
+    routes = tuple(route for _, route in entries)
+    written = m.get("routes")
+    has_models = isinstance(written, list) and any(
+        isinstance(route, dict) and route.get("model") is not None for route in written
+    )
+    body_routing = r.value(m, "body_routing", path, _BOOLEAN, has_models)
+    if body_routing and not has_models:
+        r.problem(
+            _join(path, "body_routing"),
+            "body routing picks among model routes and this listener has none: add a "
+            "'model' route or set body_routing: false",
+        )
+    if name is None or port is None or address is None or body_routing is None:
         return None
-    return Listener(name, port, address, tuple(routes))
+    return Listener(name, port, address, routes, body_routing)
+
+
+def _read_body_router(r: _Reader, top: dict) -> BodyRouterSettings:
+    """Defaults for an absent section, and for its parts that have problems (already recorded)."""
+    value = top.get("body_router")
+    m = {} if value is None else r.mapping(value, "body_router", _BODY_ROUTER_KEYS) or {}
+    path = "body_router"
+    default = BodyRouterSettings()
+    timeout = r.seconds(m, "timeout", path, default.timeout, 0.001, " (per message to the router)")
+    if timeout is not None and timeout > MAX_ROUTER_TIMEOUT:
+        r.problem(_join(path, "timeout"), f"Envoy allows at most {MAX_ROUTER_TIMEOUT:g} seconds")
+    max_body = r.integer(
+        m,
+        "max_body_bytes",
+        path,
+        1024,
+        MAX_BODY_BYTES,
+        default.max_body_bytes,
+        " (the router reads a whole body in one message)",
+    )
+    return BodyRouterSettings(
+        address=r.ip(m, "address", path, None, ""),
+        port=r.integer(m, "port", path, 1, 65535, None),
+        timeout=timeout or default.timeout,
+        failure_mode=r.choice(m, "failure_mode", path, FAILURE_MODES) or default.failure_mode,
+        max_body_bytes=max_body or default.max_body_bytes,
+    )
 
 
 def _read_references(
@@ -538,7 +707,7 @@ def _complete_groups(
     groups: list[NodeGroup] = []
     for entry in entries:
         members = [by_name[name] for name in entry.group.listeners if name in by_name]
-        wanted = {route.pool for listener in members for route in listener.routes}
+        wanted = {pool for listener in members for route in listener.routes for pool in route.pools}
         wanted.update(entry.group.pools)
         group = replace(entry.group, pools=tuple(p.name for p in pools if p.name in wanted))
         _check_binds(r, group.name, [(_join(entry.path, "listeners"), x) for x in members], "")
@@ -721,7 +890,20 @@ def _read_config(r: _Reader, document: object) -> Config | None:
         )
     pool_list = [pool for _, pool in pools]
     groups = _complete_groups(r, entries, listeners, pool_list)
-    return Config(r.source, tuple(x for _, x in listeners), tuple(pool_list), groups, raw)
+    body_router = _read_body_router(r, top)
+    return Config(
+        r.source, tuple(x for _, x in listeners), tuple(pool_list), groups, raw, body_router
+    )
+
+
+def parse_endpoint(value: object, source: str) -> Endpoint:
+    """One endpoint in the file's own form and rules (the admin API adds endpoints with it);
+    raises SnapshotError naming each problem by key (`port`, `address`, ...)."""
+    r = _Reader(source)
+    endpoint = _read_endpoint(r, value, "")
+    if r.problems or endpoint is None:
+        raise SnapshotError(r.problems)
+    return endpoint
 
 
 def parse_config(text: str, source: str) -> Config:

@@ -17,7 +17,7 @@ from lrs.signals import PoolWeights
 from xds_server import typeurls
 from xds_server.cache import SnapshotCache
 from xds_server.model import Config
-from xds_server.resources import build_all, cluster_load_assignment
+from xds_server.resources import DEFAULT_BODY_ROUTER, build_all, cluster_load_assignment
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,15 @@ class Publisher:
         self.weights: dict[str, PoolWeights] = {}
         #: Called with each newly served config (LRS cluster lists, the weight engine, ...).
         self.on_config: list[Callable[[Config], None]] = []
+        #: Where Envoy finds the body router when the file names none (the control plane's).
+        self.body_router: tuple[str, int] = DEFAULT_BODY_ROUTER
 
     async def publish_config(self, config: Config) -> None:
         """Serve a new config; the build runs off the event loop (large fleets take a while)."""
         orca = {pool.name for pool in config.pools if pool.weighting == "orca"}
         self.weights = {name: w for name, w in self.weights.items() if name in orca}
         weights = dict(self.weights)
-        messages = await asyncio.to_thread(build_all, config, weights)
+        messages = await asyncio.to_thread(build_all, config, weights, self.body_router)
         self.config = config
         self.cache.set_snapshot(messages, lambda node_cluster: config.group_for(node_cluster).name)
         # Weights that moved while the build ran would be lost with the old snapshot.
@@ -62,4 +64,3 @@ class Publisher:
         for group in config.node_groups:
             if pool_name in group.pools:
                 self.cache.update_resources(group.name, typeurls.ENDPOINT, {pool_name: assignment})
-

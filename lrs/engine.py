@@ -1,0 +1,149 @@
+"""The weight engine: every tick, each load-weighted pool's policy turns fresh signals into weights.
+
+It only produces weights; `publish` (the control plane's Publisher) turns them
+into EDS. Pushes are debounced per pool: a pool whose weights moved is re-sent
+at most once per its `push_interval`, and a change held back by the debounce
+goes out on the first tick after the interval, so the latest weights always win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lrs.policy import WeightPolicy, load_policy
+from lrs.signals import MAX_WEIGHT, EndpointInput, PoolWeights
+from lrs.store import LoadStore
+from xds_server.model import Config, Pool
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, PoolWeights], None]
+
+
+@dataclass(slots=True)
+class _PoolState:
+    pool: Pool
+    policy: WeightPolicy
+    known_since: dict[str, float] = field(default_factory=dict)
+    latest: PoolWeights | None = None  # the policy's latest answer
+    published: PoolWeights | None = None  # what EDS carries now
+    pushed_at: float = float("-inf")
+    pushes: int = 0
+
+
+class WeightEngine:
+    """Runs the policies of the `weighting: orca` pools and publishes changed weights."""
+
+    def __init__(
+        self,
+        store: LoadStore,
+        publish: Publish,
+        tick: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.tick = tick
+        self.clock = clock
+        self.pools: dict[str, _PoolState] = {}
+        self.policy_errors = 0
+        self.corrected_weights = 0
+
+    def configure(self, config: Config) -> None:
+        """Follow a reload: keep each pool's policy (and its smoothing state) unless its
+        policy or parameters changed; endpoints new to a pool start their blackout now."""
+        now = self.clock()
+        pools: dict[str, _PoolState] = {}
+        for pool in config.pools:
+            if pool.weighting != "orca":
+                continue
+            old = self.pools.get(pool.name)
+            if old is not None and (old.pool.policy, old.pool.orca) == (pool.policy, pool.orca):
+                state = old
+                state.pool = pool
+            else:
+                state = _PoolState(pool, load_policy(pool.policy, pool.orca))
+                if old is not None:
+                    state.published, state.pushed_at = old.published, old.pushed_at
+                    state.known_since = old.known_since
+            state.known_since = {e.key: state.known_since.get(e.key, now) for e in pool.endpoints}
+            pools[pool.name] = state
+        self.pools = pools
+
+    def step(self) -> list[str]:
+        """One round over every pool; returns the names of the pools whose weights went out."""
+        now = self.clock()
+        pushed = []
+        for name, state in self.pools.items():
+            weights = self._compute(state, now)
+            if weights is None:
+                continue
+            state.latest = weights
+            if _same(weights, state.published):
+                continue
+            if now - state.pushed_at < state.pool.orca.push_interval:
+                continue  # debounced: the next tick after the interval sends the latest
+            self.publish(name, weights)
+            state.published, state.pushed_at = weights, now
+            state.pushes += 1
+            pushed.append(name)
+        return pushed
+
+    async def run(self) -> None:
+        while True:
+            self.step()
+            await asyncio.sleep(self.tick)
+
+    def _compute(self, state: _PoolState, now: float) -> PoolWeights | None:
+        pool = state.pool
+        loads = self.store.pool_load(pool.name, now)
+        inputs = [
+            EndpointInput(e.key, e.zone, e.weight, loads.get(e.key), state.known_since[e.key])
+            for e in pool.endpoints
+        ]
+        if not inputs:
+            return None
+        try:
+            weights = state.policy.compute(inputs, now)
+        except Exception:  # a custom policy's bug must not stop the other pools
+            self.policy_errors += 1
+            log.exception("weight policy %r of pool %s failed", pool.policy, pool.name)
+            return None
+        return self._checked(pool, weights)
+
+    def _checked(self, pool: Pool, weights: PoolWeights) -> PoolWeights:
+        """Hold any policy (custom ones included) to what Envoy accepts: 1..MAX_WEIGHT for
+        every endpoint, locality sums within uint32, and never the whole pool saturated."""
+        keys = [e.key for e in pool.endpoints]
+        endpoints = {k: _clamp(weights.endpoints.get(k)) for k in keys}
+        zones = {e.zone for e in pool.endpoints}
+        localities = {z: _clamp(weights.localities[z]) for z in zones if z in weights.localities}
+        saturated = frozenset(k for k in weights.saturated if k in endpoints)
+        if len(saturated) == len(keys):
+            saturated = frozenset()
+        checked = PoolWeights(endpoints, localities, saturated, weights.explain)
+        if (endpoints, localities, saturated) != (
+            dict(weights.endpoints),
+            dict(weights.localities),
+            weights.saturated,
+        ):
+            self.corrected_weights += 1
+        return checked
+
+
+def _clamp(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return 1
+    return min(max(value, 1), MAX_WEIGHT)
+
+
+def _same(a: PoolWeights, b: PoolWeights | None) -> bool:
+    return b is not None and (a.endpoints, a.localities, a.saturated) == (
+        b.endpoints,
+        b.localities,
+        b.saturated,
+    )

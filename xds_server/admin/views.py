@@ -1,0 +1,147 @@
+"""Read-only admin routes: health, config dump, nodes, pools, endpoints, the overlay.
+
+Each answer is built from the live objects at request time; nothing here keeps
+state, so what an operator reads is what is being served at that moment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import json_format
+
+from xds_server import typeurls
+from xds_server.admin.http import ApiError, json_response
+from xds_server.cache import Resource, SnapshotCache
+from xds_server.clients import ClientRegistry
+from xds_server.fleet import FleetView
+from xds_server.model import Pool
+
+MESSAGE_TYPES = {
+    typeurls.CLUSTER: cluster_pb2.Cluster,
+    typeurls.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    typeurls.LISTENER: listener_pb2.Listener,
+    typeurls.ROUTE: route_pb2.RouteConfiguration,
+}
+
+
+def _resource_json(resource: Resource) -> dict[str, Any]:
+    message = MESSAGE_TYPES[resource.type_url].FromString(resource.body)
+    return {
+        "version": resource.version,
+        "resource": json_format.MessageToDict(message, preserving_proto_field_name=True),
+    }
+
+
+def served_pool(fleet: FleetView, request: web.Request) -> Pool:
+    """The served pool named in the URL; 404 naming the pools there are."""
+    name = request.match_info["pool"]
+    pool = fleet.pool(name)
+    if pool is None:
+        known = ", ".join(p.name for p in fleet.pools()) or "none"
+        raise ApiError(404, f"no pool {name!r} is served; pools: {known}")
+    return pool
+
+
+class ReadViews:
+    """Handlers of the GET routes over the live state."""
+
+    def __init__(
+        self, cache: SnapshotCache, clients: ClientRegistry, fleet: FleetView, mutations: bool
+    ) -> None:
+        self.cache = cache
+        self.clients = clients
+        self.fleet = fleet
+        self.source = fleet.source
+        self.overlay = fleet.overlay
+        self.mutations_enabled = mutations
+
+    def _load_state(self) -> dict[str, Any]:
+        last = self.source.last
+        return {
+            "file": str(self.source.path),
+            "loaded_at": self.source.loaded_at,
+            "reloads": self.source.reloads,
+            "failures": self.source.failures,
+            "last_attempt": None
+            if last is None
+            else {"at": last.at, "ok": last.ok, "problems": last.problems},
+        }
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return json_response(
+            {
+                "status": "ok",
+                "clients": len(self.clients),
+                "generation": self.cache.generation,
+                "snapshot": self._load_state(),
+                "mutations": "token" if self.mutations_enabled else "disabled",
+            }
+        )
+
+    async def snapshot(self, _request: web.Request) -> web.Response:
+        groups = {
+            name: {
+                typeurls.SHORT_NAMES[url]: {
+                    "version": snap.version,
+                    "resources": {n: _resource_json(r) for n, r in sorted(snap.resources.items())},
+                }
+                for url, snap in group.types.items()
+            }
+            for name, group in self.cache.groups.items()
+        }
+        return json_response(
+            {
+                "generation": self.cache.generation,
+                "snapshot": self._load_state(),
+                "overlay": self.overlay.overlay.to_json(),
+                "groups": groups,
+            }
+        )
+
+    async def nodes(self, _request: web.Request) -> web.Response:
+        return json_response(
+            {
+                "nodes": [
+                    client.to_json(self.cache.group_for(client.node_cluster))
+                    for client in self.clients
+                ]
+            }
+        )
+
+    async def pools(self, _request: web.Request) -> web.Response:
+        return json_response(
+            {
+                "pools": [self.fleet.pool_json(pool) for pool in self.fleet.pools()],
+                "load_data": self.fleet.loads is not None,
+            }
+        )
+
+    async def endpoints(self, request: web.Request) -> web.Response:
+        pool = served_pool(self.fleet, request)
+        hidden = self.overlay.overlay.pool(pool.name).removed & self.fleet.in_file(pool.name)
+        return json_response(
+            {
+                "pool": pool.name,
+                "weighting": pool.weighting,
+                "load_data": self.fleet.loads is not None,
+                "endpoints": [view.to_json() for view in self.fleet.endpoints(pool)],
+                "removed": sorted(hidden),
+            }
+        )
+
+    async def overlay_state(self, _request: web.Request) -> web.Response:
+        config = self.source.config
+        overlay = self.overlay.overlay
+        return json_response(
+            {
+                "state_file": str(self.overlay.path) if self.overlay.path else None,
+                "overlay": overlay.to_json(),
+                "inert": overlay.inert(config) if config is not None else [],
+            }
+        )
