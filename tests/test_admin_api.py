@@ -69,7 +69,7 @@ async def test_read_routes(api: tuple[ControlPlane, Admin]):
         "endpoints": 3,
         "active": 3,
         "draining": 0,
-        "load_data": False,
+        "load_data": True,
     }
     endpoints = await admin.endpoints()
     assert endpoints[A] == {

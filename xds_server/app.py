@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from lrs.engine import WeightEngine
+from lrs.service import LoadReportingService
+from lrs.store import LoadStore
 from xds_server.admin import AdminApi, start_admin
 from xds_server.admin.auth import resolve_token
 from xds_server.body_router import BodyRouter
@@ -19,6 +23,7 @@ from xds_server.clients import ClientRegistry
 from xds_server.config_source import ConfigSource
 from xds_server.fleet import FleetView, LoadProvider
 from xds_server.metrics import Metrics
+from xds_server.model import Config
 from xds_server.overlay_state import OverlayState
 from xds_server.publisher import Publisher
 from xds_server.server import DiscoveryServices, start_grpc_server
@@ -38,6 +43,8 @@ class Settings:
     admin_token_file: Path | None = None  # else $XDS_ADMIN_TOKEN; neither: changes refused
     admin_debounce: float = 0.05  # API changes within this many seconds publish together
     router_port: int = 18001  # the body router (ext_proc); 0 picks a free port
+    lrs_interval: float = 1.0  # seconds between an Envoy's load reports
+    weight_tick: float = 0.25  # seconds between weight recomputations
 
 
 class ControlPlane:
@@ -62,6 +69,30 @@ class ControlPlane:
         self.publisher.on_config.append(self.body_router.update)
         self.router_port = settings.router_port
         self._router: grpc.aio.Server | None = None
+        self.store = LoadStore(window=max(5.0, 4 * settings.lrs_interval))
+        self.lrs = LoadReportingService(self.store, self._lrs_clusters, settings.lrs_interval)
+        self.engine = WeightEngine(self.store, self.publisher.publish_weights, settings.weight_tick)
+        self.publisher.on_config.append(self._follow_config)
+        self.observe_load(
+            lambda pool: self.store.pool_load(pool, time.monotonic()), lambda: self.store.reports
+        )
+        self._engine_task: asyncio.Task | None = None
+
+    def _lrs_clusters(self, node_cluster: str) -> list[str]:
+        """Load reports are asked for the load-weighted pools of the node's group only:
+        every reported endpoint costs ingest time, and only those pools use them."""
+        config = self.publisher.config
+        if config is None:
+            return []
+        group = config.group_for(node_cluster)
+        return [p for p in group.pools if config.pool(p).weighting == "orca"]
+
+    def _follow_config(self, config: Config) -> None:
+        self.store.set_known(
+            {p.name: [e.key for e in p.endpoints] for p in config.pools if p.weighting == "orca"}
+        )
+        self.engine.configure(config)
+        self.lrs.clusters_changed()
 
     async def start(self) -> None:
         """Raises SnapshotError when the initial file is invalid: there is no good config yet;
@@ -76,8 +107,9 @@ class ControlPlane:
             raise
         services = DiscoveryServices(self.cache, self.registry)
         self._grpc, self.xds_port = await start_grpc_server(
-            services.handlers(), self.settings.host, self.settings.xds_port
+            [*services.handlers(), *self.lrs.handlers()], self.settings.host, self.settings.xds_port
         )
+        self._engine_task = asyncio.create_task(self.engine.run())
         self._admin_api = AdminApi(
             self.cache, self.registry, self.fleet, self.metrics, token, self.settings.admin_debounce
         )
@@ -135,8 +167,9 @@ class ControlPlane:
         self.metrics.load.reports_received = reports_received
 
     async def stop(self, grace: float = 1.0) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._engine_task):
+            if task is not None:
+                task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._admin_api is not None:

@@ -16,7 +16,7 @@ import re
 import reprlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple
 
 import yaml
@@ -26,6 +26,9 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
+
+from lrs.params import ParamError, Params, parse_params
+from lrs.policy import PolicyError, load_policy
 
 DEFAULT_GROUP: Final = "default"
 LB_POLICIES: Final = ("round_robin", "least_request")
@@ -85,6 +88,8 @@ class Pool:
     weighting: str
     endpoints: tuple[Endpoint, ...]
     connect_timeout: float = 1.0
+    policy: str = "headroom"  # weighting: orca only: "headroom" or "module:Class"
+    orca: Params = field(default_factory=Params)  # the policy parameters (`orca:`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,7 +431,15 @@ def _unknown(what: str, name: str, known: set[str]) -> str:
 # --------------------------------------------------------------------------- sections
 
 _ENDPOINT_KEYS: Final = ("address", "port", "zone", "weight")
-_POOL_KEYS: Final = ("name", "lb_policy", "weighting", "connect_timeout", "endpoints")
+_POOL_KEYS: Final = (
+    "name",
+    "lb_policy",
+    "weighting",
+    "connect_timeout",
+    "endpoints",
+    "policy",
+    "orca",
+)
 _ROUTE_KEYS: Final = ("model", "prefix", "pool", "split", "timeout")
 _SPLIT_KEYS: Final = ("pool", "weight")
 _LISTENER_KEYS: Final = ("name", "port", "address", "body_routing", "routes")
@@ -482,9 +495,35 @@ def _read_pool(r: _Reader, value: object, path: str) -> Pool | None:
     r.duplicates(((p, e.key) for p, e in entries), "endpoint")
     endpoints = [e for _, e in entries]
     _check_weight_sums(r, _join(path, "endpoints"), endpoints)
+    policy, orca = _read_policy(r, m, path)
     if name is None or lb_policy is None or weighting is None or connect_timeout is None:
         return None
-    return Pool(name, lb_policy, weighting, tuple(endpoints), connect_timeout)
+    if policy is None or orca is None:
+        return None
+    return Pool(name, lb_policy, weighting, tuple(endpoints), connect_timeout, policy, orca)
+
+
+def _read_policy(r: _Reader, m: dict, path: str) -> tuple[str | None, Params | None]:
+    """The weight policy and its parameters, checked now so a typo names its place in the
+    file instead of surfacing later as a log line from the weight engine."""
+    spec = r.value(m, "policy", path, _STRING, "headroom")
+    raw = m.get("orca") or {}
+    if not isinstance(raw, dict):
+        r.problem(_join(path, "orca"), f"expected a mapping, got {_describe(raw)}")
+        return spec, None
+    try:
+        params = parse_params(raw)
+    except ParamError as err:
+        for key, message in err.problems:
+            r.problem(_join(_join(path, "orca"), key), message)
+        return spec, None
+    if spec is not None:
+        try:
+            load_policy(spec, params)
+        except PolicyError as err:
+            r.problem(_join(path, "policy"), str(err))
+            return None, params
+    return spec, params
 
 
 def _read_route(r: _Reader, value: object, path: str, pool_names: set[str]) -> Route | None:
