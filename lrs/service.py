@@ -26,7 +26,7 @@ from envoy.service.load_stats.v3 import lrs_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.message import DecodeError, Message
 
-from lrs.store import LoadStore
+from lrs.store import LoadStore, Report
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ SERVICE: Final = "envoy.service.load_stats.v3.LoadReportingService"
 METHOD: Final = "StreamLoadStats"
 #: Longest node id kept in a reporter's identity; the rest of a huge id is noise.
 MAX_NODE_ID: Final = 256
+#: Seconds (at least; 4 intervals if longer) before re-asking a reporter for clusters it ignores.
+REASK_AFTER: Final = 2.0
 
 _streams = itertools.count(1)
 
@@ -88,6 +90,7 @@ class _Stream:
         self.clusters: tuple[str, ...] = ()
         self.outbox: asyncio.Queue[lrs_pb2.LoadStatsResponse | None] = asyncio.Queue()
         self.failure = ""
+        self.asked_at = 0.0  # monotonic time the clusters were last sent
 
 
 class LoadReportingService:
@@ -111,6 +114,7 @@ class LoadReportingService:
         self._streams: dict[int, _Stream] = {}
         self.reports_received = 0  # every LoadStatsRequest, the first of each stream included
         self.reports_rejected = 0  # not parseable, or a first message without node.id
+        self.clusters_reasked = 0  # responses re-sent because asked-for clusters went unreported
 
     @property
     def connected_reporters(self) -> int:
@@ -140,7 +144,7 @@ class LoadReportingService:
                 clusters = lists[stream.node_cluster] = self._clusters(stream.node_cluster)
             if clusters != stream.clusters:
                 stream.clusters = clusters
-                stream.outbox.put_nowait(self._response(clusters))
+                self._ask(stream)
 
     def _clusters(self, node_cluster: str) -> tuple[str, ...]:
         return tuple(self.clusters_for(node_cluster))
@@ -197,7 +201,7 @@ class LoadReportingService:
         stream.reporter = f"{request.node.id[:MAX_NODE_ID]}#{stream.id}"
         stream.node_cluster = request.node.cluster
         stream.clusters = self._clusters(stream.node_cluster)
-        stream.outbox.put_nowait(self._response(stream.clusters))
+        self._ask(stream)
         # A reconnecting Envoy's first message already carries the clusters it reported.
         if request.cluster_stats:
             self.store.ingest(stream.reporter, request, time.monotonic())
@@ -212,3 +216,19 @@ class LoadReportingService:
             log.debug("LRS stream %d: unparseable report of %d bytes", stream.id, len(payload))
             return
         self.store.ingest(stream.reporter, report, now)
+        self._ask_again_if_ignored(stream, report, now)
+
+    def _ask(self, stream: _Stream) -> None:
+        stream.asked_at = time.monotonic()
+        stream.outbox.put_nowait(self._response(stream.clusters))
+
+    def _ask_again_if_ignored(self, stream: _Stream, report: Report, now: float) -> None:
+        """Envoy reports only the asked-for clusters that existed when it got the request:
+        one asked for while still warming (a new Envoy, a new pool) is never reported.
+        Asking again, at most every few intervals, picks it up once it exists."""
+        if now - stream.asked_at < max(REASK_AFTER, 4 * self.interval):
+            return
+        reported = {stats.cluster_name for stats in report.cluster_stats}
+        if any(name not in reported for name in stream.clusters):
+            self.clusters_reasked += 1
+            self._ask(stream)
