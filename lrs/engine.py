@@ -51,6 +51,7 @@ class WeightEngine:
         self.clock = clock
         self.pools: dict[str, _PoolState] = {}
         self.policy_errors = 0
+        self.step_errors = 0
         self.corrected_weights = 0
 
     def configure(self, config: Config) -> None:
@@ -94,8 +95,13 @@ class WeightEngine:
         return pushed
 
     async def run(self) -> None:
+        """Tick until cancelled; a failing round is logged and counted, never the end of it."""
         while True:
-            self.step()
+            try:
+                self.step()
+            except Exception:
+                self.step_errors += 1
+                log.exception("weight engine round failed; weights stay as published")
             await asyncio.sleep(self.tick)
 
     def _compute(self, state: _PoolState, now: float) -> PoolWeights | None:

@@ -27,10 +27,10 @@ from xds_server.simulator.server import ModelServer
 
 pytestmark = [
     pytest.mark.envoy,
-    # Passes about half the runs: in the others the policy keeps every endpoint in
-    # blackout with no load even while the store holds reports (issue 3 note). Kept
+    # Passes about half the runs: in the others every endpoint keeps one neutral weight
+    # although reports flow and the engine ticks without error (issue 3 note). Kept
     # running, not skipped, so the fix shows up as XPASS.
-    pytest.mark.xfail(reason="intermittent: weights stay in blackout (under investigation)"),
+    pytest.mark.xfail(reason="intermittent: weights stay neutral (under investigation)"),
 ]
 
 NODE = "envoy-weights"
