@@ -108,3 +108,41 @@ def test_serve_refuses_an_invalid_file(tmp_path: Path):
     result = run("serve", "--snapshot", str(bad), *ports)
     assert result.returncode == 2
     assert f"{bad}: pools[0].lb_policy" in result.stderr
+
+
+async def test_serve_refuses_a_port_already_in_use():
+    """grpc's default SO_REUSEPORT would let two servers share a port and its clients."""
+    xds = free_port()
+    first = await asyncio.create_subprocess_exec(
+        *CLI,
+        "serve",
+        "--xds-port",
+        str(xds),
+        "--admin-port",
+        "0",
+        "--router-port",
+        "0",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await _wait_listening(xds)
+        second = await asyncio.to_thread(
+            run, "serve", "--xds-port", str(xds), "--admin-port", "0", "--router-port", "0"
+        )
+        assert second.returncode != 0
+    finally:
+        first.terminate()
+        await first.wait()
+
+
+async def _wait_listening(port: int, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)

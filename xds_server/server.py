@@ -39,6 +39,9 @@ SERVER_OPTIONS = (
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_concurrent_streams", 0x7FFFFFFF),
+    # grpc turns SO_REUSEPORT on by default: a second server on a busy port would bind
+    # silently and share its clients. A port in use must be an error instead.
+    ("grpc.so_reuseport", 0),
 )
 
 
