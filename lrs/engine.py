@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lrs.policy import WeightPolicy, load_policy
-from lrs.signals import MAX_WEIGHT, EndpointInput, PoolWeights
+from lrs.signals import EndpointInput, PoolWeights
 from lrs.store import LoadStore
 from xds_server.model import Config, Pool
 
@@ -52,7 +52,6 @@ class WeightEngine:
         self.pools: dict[str, _PoolState] = {}
         self.policy_errors = 0
         self.step_errors = 0
-        self.corrected_weights = 0
 
     def configure(self, config: Config) -> None:
         """Follow a reload: keep each pool's policy (and its smoothing state) unless its
@@ -114,37 +113,12 @@ class WeightEngine:
         if not inputs:
             return None
         try:
-            weights = state.policy.compute(inputs, now)
-        except Exception:  # a custom policy's bug must not stop the other pools
+            # Custom policies come wrapped by load_policy, which refuses answers Envoy would NACK.
+            return state.policy.compute(inputs, now)
+        except Exception:  # a custom policy's bug (or invalid answer) must not stop the others
             self.policy_errors += 1
             log.exception("weight policy %r of pool %s failed", pool.policy, pool.name)
             return None
-        return self._checked(pool, weights)
-
-    def _checked(self, pool: Pool, weights: PoolWeights) -> PoolWeights:
-        """Hold any policy (custom ones included) to what Envoy accepts: 1..MAX_WEIGHT for
-        every endpoint, locality sums within uint32, and never the whole pool saturated."""
-        keys = [e.key for e in pool.endpoints]
-        endpoints = {k: _clamp(weights.endpoints.get(k)) for k in keys}
-        zones = {e.zone for e in pool.endpoints}
-        localities = {z: _clamp(weights.localities[z]) for z in zones if z in weights.localities}
-        saturated = frozenset(k for k in weights.saturated if k in endpoints)
-        if len(saturated) == len(keys):
-            saturated = frozenset()
-        checked = PoolWeights(endpoints, localities, saturated, weights.explain)
-        if (endpoints, localities, saturated) != (
-            dict(weights.endpoints),
-            dict(weights.localities),
-            weights.saturated,
-        ):
-            self.corrected_weights += 1
-        return checked
-
-
-def _clamp(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        return 1
-    return min(max(value, 1), MAX_WEIGHT)
 
 
 def _same(a: PoolWeights, b: PoolWeights | None) -> bool:
