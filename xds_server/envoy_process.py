@@ -17,10 +17,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiohttp
+
+from xds_server.lifecycle import StartStop
 
 _STOP_GRACE = 5.0
 _POLL = 0.02
@@ -52,7 +53,7 @@ def find_envoy() -> str:
     return found
 
 
-class EnvoyProcess:
+class EnvoyProcess(StartStop):
     """One Envoy child process started from a bootstrap dict, with its admin API at hand."""
 
     def __init__(
@@ -213,18 +214,6 @@ class EnvoyProcess:
         except FileNotFoundError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
-
-    async def __aenter__(self) -> EnvoyProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:

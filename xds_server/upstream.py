@@ -7,12 +7,13 @@ key on ports) so a client on the far side of Envoy can count requests per endpoi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import TracebackType
 
 from aiohttp import web
 
+from xds_server.lifecycle import StartStop
 
-class Upstream:
+
+class Upstream(StartStop):
     """An aiohttp server on host:port that answers every request with 200 and its own name.
 
     `headers` go on every answer too, e.g. an ORCA `endpoint-load-metrics` report.
@@ -53,18 +54,6 @@ class Upstream:
             {"upstream": self.name, "path": request.path, "method": request.method},
             headers={**self.headers, "x-upstream": self.name, "x-upstream-port": str(self.port)},
         )
-
-    async def __aenter__(self) -> Upstream:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def start_upstreams(

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from xds_server.lifecycle import StartStop
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.engine import Engine, EngineState, Rejected, Sequence
 from xds_server.simulator.metrics import SimulatorMetrics
@@ -41,7 +41,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response(error_body(status, message), status=status)
 
 
-class ModelServer:
+class ModelServer(StartStop):
     """One simulated vLLM server on host:port. Several may share one event loop."""
 
     def __init__(self, config: SimulatorConfig | None = None, name: str | None = None) -> None:
@@ -117,18 +117,6 @@ class ModelServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> ModelServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def _tag(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers["x-upstream"] = self.name
