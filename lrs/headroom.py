@@ -23,6 +23,12 @@ Everything else is about not trusting thin data, adapted from CS-WRR (Envoy
 source, client_side_weighted_round_robin_lb.cc; gRFC A58): an endpoint without a
 usable estimate (new, stale, idle, no metric) gets the median capacity of the
 others, scaled by its static weight, as Envoy gives such hosts the median weight.
+An endpoint that shows almost no pressure under real traffic is not unknown but
+lightly loaded: its utilization counts as `min_utilization`, so it draws traffic
+instead of sitting at the median. One that falls silent for want of traffic (its
+weight moved traffic away) keeps its last estimate until `expiry`, like CS-WRR
+keeps a weight until weight_expiration_period, rather than snapping back to the
+median and flapping.
 Samples are smoothed (EWMA, time-aware), and a change smaller than the hysteresis
 keeps the published weight so EDS is not pushed for noise.
 
@@ -46,7 +52,8 @@ ACTIVE: Final = "active"  # weighted by its own capacity estimate
 SATURATED: Final = "saturated"  # taken out of rotation: a trickle, or priority 1
 BLACKOUT: Final = "blackout"  # new or back after a silence: neutral until data settles
 STALE: Final = "stale"  # no report for `expiry` seconds: neutral
-IDLE: Final = "idle"  # too little traffic or utilization to estimate capacity: neutral
+HELD: Final = "held"  # too little traffic lately: keeps its last estimate until expiry
+IDLE: Final = "idle"  # too little traffic to estimate capacity, and no recent estimate: neutral
 NO_SIGNAL: Final = "no_signal"  # reports carry none of the configured metrics: neutral
 
 #: Largest value a signal may carry; keeps sums and ratios of wild inputs finite.
@@ -78,6 +85,8 @@ class _Track:
     __slots__ = (
         "bottleneck",
         "capacity",
+        "estimate",
+        "estimated_at",
         "load",
         "observed",
         "pressure",
@@ -108,11 +117,13 @@ class _Track:
         self.saturated = False
         self.state = ""  # this call's assessment from here on
         self.capacity: float | None = None  # requests/s at pressure 1, when estimable
+        self.estimate: float | None = None  # the last capacity estimated from traffic
+        self.estimated_at = -math.inf
         self.raw = 0.0  # unrounded weight, in capacity units
 
     def forget_load(self) -> None:
         """After a silence old averages mean nothing: start again from the next report."""
-        self.rps = self.pressure = self.utilization = None
+        self.rps = self.pressure = self.utilization = self.estimate = None
 
 
 _Rows = list[tuple[EndpointInput, _Track]]
@@ -166,11 +177,8 @@ class HeadroomPolicy:
         if gap > p.expiry:
             track.forget_load()
             track.since = observed
-            alpha = 1.0
-        else:
-            # Time-aware: Envoys reporting more often (or more Envoys) do not smooth less.
-            alpha = 1.0 - (1.0 - p.ewma_alpha) ** gap
         track.observed = observed
+        track.load = load
         metrics = load.metrics
         kv = _first(metrics, p.kv_cache_metrics)
         if kv > 1.0:
@@ -178,8 +186,6 @@ class HeadroomPolicy:
         queue = _first(metrics, p.queue_metrics)
         util = _first(metrics, p.utilization_metrics)
         in_flight, rps, errors = load.in_progress, load.rps, load.error_rps
-        track.load = load
-        track.rps = _fold(track.rps, rps, alpha)
         # The bottleneck: the most constrained signal relative to its threshold.
         # Comparisons skip NaN (a signal this report does not carry).
         pressure, bottleneck = -1.0, None
@@ -192,9 +198,15 @@ class HeadroomPolicy:
         if p.in_flight_threshold > 0.0 and in_flight / p.in_flight_threshold > pressure:
             pressure, bottleneck = in_flight / p.in_flight_threshold, "in_flight"
         if bottleneck is None:
+            # No request finished with a metric: throughput and pressure are averaged
+            # together or not at all, else a starved endpoint's capacity decays to nothing.
             return
+        # Time-aware: Envoys reporting more often (or more Envoys) do not smooth less;
+        # the first signal after a long gap (inf) replaces the averages.
+        alpha = 1.0 - (1.0 - p.ewma_alpha) ** (observed - track.signal_at)
         track.signal_at = observed
         track.bottleneck = bottleneck
+        track.rps = _fold(track.rps, rps, alpha)
         track.pressure = _fold(track.pressure, pressure, alpha)
         # The error share of requests: at most all of them; NaN compares False.
         errors = 0.0 if not errors > 0.0 else 1.0 if errors >= rps else errors / rps
@@ -215,13 +227,19 @@ class HeadroomPolicy:
             track.state = STALE
         elif utilization is None:
             track.state = NO_SIGNAL
-        elif rps is None or rps < p.min_rps or utilization < p.min_utilization:
-            track.state = IDLE
-        else:
+        elif track.signal_at == track.observed and rps is not None and rps >= p.min_rps:
             track.state = ACTIVE
-            capacity = rps / utilization
+            # Near-zero pressure under traffic means lightly loaded, not unknown.
+            capacity = rps / max(utilization, p.min_utilization)
             # Bounded so that ratios between endpoints, however wild, stay finite.
-            track.capacity = 1e-9 if capacity < 1e-9 else 1e12 if capacity > 1e12 else capacity
+            capacity = 1e-9 if capacity < 1e-9 else 1e12 if capacity > 1e12 else capacity
+            track.capacity = track.estimate = capacity
+            track.estimated_at = now
+        elif track.estimate is not None and now - track.estimated_at <= p.expiry:
+            track.state = HELD  # its latest report saw too little traffic to estimate from
+            track.capacity = track.estimate
+        else:
+            track.state = IDLE
 
     # ------------------------------------------------------------------ per pool
 
@@ -238,7 +256,7 @@ class HeadroomPolicy:
             if pressure is None or now - track.signal_at >= p.probe_after:
                 keep = False
             elif track.saturated:  # held until its pressure falls below saturation_exit
-                keep = pressure >= p.saturation_exit and track.state in (ACTIVE, IDLE)
+                keep = pressure >= p.saturation_exit and track.state in (ACTIVE, HELD, IDLE)
             else:
                 keep = pressure >= 1.0 and track.state == ACTIVE
             if keep:
@@ -263,14 +281,14 @@ class HeadroomPolicy:
         per_static = sorted(
             track.capacity / max(1, endpoint.static_weight)
             for endpoint, track in rows
-            if track.capacity is not None and track.state == ACTIVE
+            if track.capacity is not None and track.state in (ACTIVE, HELD)
         )
         # Envoy's CS-WRR gives hosts without a usable weight the median weight.
         unit = per_static[len(per_static) // 2] if per_static else 1.0
         serving = 0.0
         count = 0
         for endpoint, track in rows:
-            # Active (and some saturated) endpoints have a capacity: the rest are neutral.
+            # Active, held (and some saturated) endpoints have a capacity: the rest are neutral.
             static = endpoint.static_weight
             track.raw = track.capacity or unit * (static if static > 1 else 1)
             if track.state != SATURATED:

@@ -56,7 +56,7 @@ class Params:
     expiry: float = 30.0
     #: Finished requests per second below which throughput says nothing about capacity.
     min_rps: float = 0.05
-    #: Bottleneck utilization below which an endpoint counts as idle (capacity unknown).
+    #: Utilization floor in the capacity estimate: near-zero pressure under traffic is light load.
     min_utilization: float = 0.05
     #: Integer weight of the endpoint with the most capacity; others are proportional.
     weight_scale: int = 1000

@@ -258,17 +258,36 @@ def test_idle_or_silent_endpoints_are_neutral_never_zero_or_infinite() -> None:
     fleet = steady(
         idle=load(0.0, kv=0.0, queue=0),
         trickle=load(0.01, kv=0.01),
-        unused=load(50, kv=0.01),
         silent=load(10),  # no metric at all
     )
     result = run(HeadroomPolicy(Params()), fleet, 0.0)
-    assert states(result) == {
-        "idle": "idle",
-        "trickle": "idle",
-        "unused": "idle",
-        "silent": "no_signal",
-    }
+    assert states(result) == {"idle": "idle", "trickle": "idle", "silent": "no_signal"}
     assert set(result.endpoints.values()) == {1000}
+
+
+def test_near_zero_pressure_under_traffic_counts_as_lightly_loaded_not_unknown() -> None:
+    # Seen with a real Envoy: fast servers barely fill their KV cache while a slowed one
+    # queues; treating the fast ones as unknown (median) gave everyone the same weight.
+    result = run(
+        HeadroomPolicy(Params()), steady(busy=load(10, kv=0.4), light=load(10, kv=0.004)), 0
+    )
+    assert states(result) == {"busy": "active", "light": "active"}
+    # busy: 10 / 0.5 = 20 requests/s at pressure 1; light: 10 / min_utilization = 200.
+    assert result.endpoints == {"busy": 100, "light": 1000}
+
+
+def test_an_endpoint_starved_of_traffic_keeps_its_estimate_until_expiry() -> None:
+    """A low weight means few requests; too few to estimate from must not reset the weight
+    to the median (traffic would flood back and the weights flap)."""
+    policy = HeadroomPolicy(Params(expiry=30.0))
+    run(policy, steady(a=load(10, kv=0.4), slow=load(2, kv=0.8)), 0.0)  # slow: 2 / 1 = 2 rps
+    starved = steady(a=load(10, kv=0.4), slow=load(0.0))
+    held = run(policy, starved, 15.0, rounds=10)
+    assert states(held) == {"a": "active", "slow": "held"}
+    assert held.endpoints == {"a": 1000, "slow": 100}
+    expired = run(policy, starved, 25.0, rounds=25)
+    assert states(expired)["slow"] == "idle"
+    assert expired.endpoints["slow"] == expired.endpoints["a"]
 
 
 def test_lower_priority_moves_saturated_endpoint_out_of_its_zone() -> None:

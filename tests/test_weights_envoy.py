@@ -25,13 +25,7 @@ from xds_server.envoy_process import EnvoyProcess
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.server import ModelServer
 
-pytestmark = [
-    pytest.mark.envoy,
-    # Passes about half the runs: in the others every endpoint keeps one neutral weight
-    # although reports flow and the engine ticks without error (issue 3 note). Kept
-    # running, not skipped, so the fix shows up as XPASS.
-    pytest.mark.xfail(reason="intermittent: weights stay neutral (under investigation)"),
-]
+pytestmark = pytest.mark.envoy
 
 NODE = "envoy-weights"
 # Small batches so a slowed server queues up within seconds under modest load.
