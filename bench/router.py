@@ -38,14 +38,11 @@ from typing import Any
 import aiohttp
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.ports import free_port  # noqa: E402
-from xds_server.bootstrap import envoy_bootstrap  # noqa: E402
-from xds_server.envoy_process import EnvoyProcess  # noqa: E402
-from xds_server.model import MODEL_HEADER  # noqa: E402
-from xds_server.upstream import Upstream  # noqa: E402
+from xds_server.bootstrap import envoy_bootstrap
+from xds_server.envoy_process import EnvoyProcess
+from xds_server.envoy_rig import free_port
+from xds_server.model import MODEL_HEADER
+from xds_server.upstream import Upstream
 
 MODEL = "llama-3-8b"
 NODE = "bench-router"

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.ports import free_port
+from xds_server.envoy_rig import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "xds_server.cli"]
@@ -25,6 +25,12 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_every_command_has_help(command: str):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage: xds-server" in result.stdout
+
+
+@pytest.mark.parametrize("args", [("--load", "5"), ("--load", "0"), ("--duration", "1")])
+def test_demo_refuses_impossible_settings_before_starting_anything(args: tuple[str, str]):
+    result = run("demo", *args)
+    assert result.returncode == 2 and "--load must be in" in result.stderr
 
 
 def test_validate_accepts_every_example():

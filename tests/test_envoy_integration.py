@@ -19,11 +19,10 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.ports import free_port
 from xds_server import typeurls
-from xds_server.app import ControlPlane, Settings
-from xds_server.bootstrap import envoy_bootstrap
+from xds_server.app import ControlPlane
 from xds_server.envoy_process import EnvoyProcess
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
 from xds_server.upstream import Upstream, start_upstreams
 
 pytestmark = pytest.mark.envoy
@@ -106,26 +105,13 @@ async def rig(request, tmp_path: Path) -> AsyncIterator[Rig]:
     doc = _doc(listener_port, [u.port for u in upstreams[:3]])
     path = tmp_path / "snapshot.yaml"
     path.write_text(yaml.safe_dump(doc))
-    plane = ControlPlane(
-        Settings(snapshot=path, xds_port=0, admin_port=0, router_port=0, watch_interval=0.05)
-    )
-    await plane.start()
-    bootstrap = envoy_bootstrap(
-        node_id="envoy-test",
-        xds_port=plane.xds_port,
-        delta=request.param == "delta",
-        envoy_admin_port=free_port(),
-    )
-    envoy = EnvoyProcess(bootstrap, tmp_path)
+    settings = local_settings(path, watch_interval=0.05)
+    pair = PlaneWithEnvoy(settings, tmp_path, "envoy-test", delta=request.param == "delta")
     try:
-        await envoy.start()
-        await envoy.wait_ready()
-        rig = Rig(plane, envoy, upstreams, doc, path, listener_port)
-        await plane.converge("envoy-test", since=0)
-        yield rig
+        async with pair:
+            assert pair.envoy is not None
+            yield Rig(pair.plane, pair.envoy, upstreams, doc, path, listener_port)
     finally:
-        await envoy.stop()
-        await plane.stop(0)
         for upstream in upstreams:
             await upstream.stop()
 

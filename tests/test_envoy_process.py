@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.ports import free_port
 from xds_server.envoy_process import EnvoyError, EnvoyNotFound, EnvoyProcess, find_envoy
+from xds_server.envoy_rig import free_port
 from xds_server.upstream import Upstream, start_upstreams
 
 

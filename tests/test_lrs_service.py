@@ -13,12 +13,12 @@ from envoy.service.load_stats.v3 import lrs_pb2
 
 from lrs.service import METHOD, SERVICE, LoadReportingService
 from lrs.store import LoadStore
-from tests.ports import free_port
 from tests.test_lrs_store import KV, endpoint, report
 from xds_server.bootstrap import XDS_CLUSTER, envoy_bootstrap
 from xds_server.cache import SnapshotCache
 from xds_server.clients import ClientRegistry
 from xds_server.envoy_process import EnvoyProcess
+from xds_server.envoy_rig import free_port
 from xds_server.model import parse_config
 from xds_server.resources import build_all
 from xds_server.server import DiscoveryServices, start_grpc_server

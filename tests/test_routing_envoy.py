@@ -24,11 +24,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.ports import free_port
-from xds_server.app import ControlPlane, Settings
+from xds_server.app import ControlPlane
 from xds_server.body_router import StandaloneRouter
-from xds_server.bootstrap import envoy_bootstrap
 from xds_server.envoy_process import EnvoyProcess
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
 from xds_server.upstream import Upstream, start_upstreams
 
 pytestmark = pytest.mark.envoy
@@ -178,20 +177,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     doc = _doc(ports, upstreams)
     path = tmp_path / "snapshot.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    plane = ControlPlane(
-        Settings(snapshot=path, xds_port=0, admin_port=0, router_port=0, watch_interval=0.05)
-    )
-    await plane.start()
-    bootstrap = envoy_bootstrap(node_id=NODE, xds_port=plane.xds_port, envoy_admin_port=free_port())
-    envoy = EnvoyProcess(bootstrap, tmp_path)
+    pair = PlaneWithEnvoy(local_settings(path, watch_interval=0.05), tmp_path, NODE)
     try:
-        await envoy.start()
-        await envoy.wait_ready()
-        await plane.converge(NODE, since=0)
-        yield Rig(plane, envoy, upstreams, doc, path, ports)
+        async with pair:
+            assert pair.envoy is not None
+            yield Rig(pair.plane, pair.envoy, upstreams, doc, path, ports)
     finally:
-        await envoy.stop()
-        await plane.stop(0)
         for upstream in upstreams.values():
             await upstream.stop()
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
 
-from tests.ports import free_port
+from xds_server.envoy_rig import free_port
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.openai import CHAT, COMPLETIONS, BadRequest, GenerationRequest
 from xds_server.simulator.server import ModelServer

@@ -18,10 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.ports import free_port
-from xds_server.app import ControlPlane, Settings
-from xds_server.bootstrap import envoy_bootstrap
-from xds_server.envoy_process import EnvoyProcess
+from xds_server.app import ControlPlane
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.server import ModelServer
 
@@ -103,21 +101,12 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     }
     path = tmp_path / "snapshot.yaml"
     path.write_text(yaml.safe_dump(doc))
-    settings = Settings(
-        snapshot=path, xds_port=0, admin_port=0, router_port=0, lrs_interval=0.5, weight_tick=0.1
-    )
-    plane = ControlPlane(settings)
-    await plane.start()
-    bootstrap = envoy_bootstrap(node_id=NODE, xds_port=plane.xds_port, envoy_admin_port=free_port())
-    envoy = EnvoyProcess(bootstrap, tmp_path)
+    settings = local_settings(path, lrs_interval=0.5, weight_tick=0.1)
+    pair = PlaneWithEnvoy(settings, tmp_path, NODE)
     try:
-        await envoy.start()
-        await envoy.wait_ready()
-        await plane.converge(NODE, since=0)
-        yield Fleet(plane, servers, listener_port)
+        async with pair:
+            yield Fleet(pair.plane, servers, listener_port)
     finally:
-        await envoy.stop()
-        await plane.stop(0)
         for server in servers:
             await server.stop()
 

