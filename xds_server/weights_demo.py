@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,12 +26,13 @@ from xds_server.envoy_process import EnvoyNotFound
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
 from xds_server.loadgen import OpenLoopLoad, Outcome
 from xds_server.simulator.config import SimulatorConfig
-from xds_server.simulator.server import ModelServer
+from xds_server.simulator.process import RemoteSimulator, SimulatorProcess
 
 NODE_ID = "demo-envoy"
 POOL = "llama"
-#: Small batches and caches, so that four servers saturate at a load this machine's one
-#: Python process can offer: fast ~8 requests/s each, slow ~4 (100-token replies).
+#: Small KV caches, so that four servers saturate at a load one Python client can offer:
+#: at saturation a fast one answers ~11 requests/s of this traffic, a slow one ~5
+#: (closed loop, measured on the 2-core dev machine), ~32 for the fleet.
 FAST = SimulatorConfig.profile("fast", max_num_seqs=64, kv_cache_tokens=4096)
 SLOW = SimulatorConfig.profile("slow", max_num_seqs=64, kv_cache_tokens=2048)
 FLEET_CAPACITY_RPS = 30.0
@@ -45,7 +45,7 @@ NOISY_SLOWDOWN = 3.0
 @dataclass(slots=True)
 class Server:
     label: str
-    sim: ModelServer
+    sim: RemoteSimulator
 
     @property
     def key(self) -> str:
@@ -111,6 +111,8 @@ class WeightsDemo:
         self.out = out
         self.live = out.isatty()
         self.servers: list[Server] = []
+        # Each profile in its own process: simulated time must not queue behind our loop.
+        self.fleets = [SimulatorProcess(FAST, count=2), SimulatorProcess(SLOW, count=2)]
         snapshot = workdir / "snapshot.yaml"
         self.rig = PlaneWithEnvoy(local_settings(snapshot, lrs_interval=0.5), workdir, NODE_ID)
         self.plane = self.rig.plane
@@ -118,15 +120,10 @@ class WeightsDemo:
         self.listener_port = free_port()
 
     async def start(self) -> None:
-        for label, config in (
-            ("fast-1", FAST),
-            ("fast-2", FAST),
-            ("slow-1", SLOW),
-            ("slow-2", SLOW),
-        ):
-            server = ModelServer(config, name=label)
-            await server.start()
-            self.servers.append(Server(label, server))
+        for fleet, kind in zip(self.fleets, ("fast", "slow"), strict=True):
+            await fleet.start()
+            for index, sim in enumerate(fleet.servers, 1):
+                self.servers.append(Server(f"{kind}-{index}", sim))
         self.rig.settings.snapshot.write_text(yaml.safe_dump(self._snapshot(), sort_keys=False))
         await self.rig.start()
 
@@ -155,20 +152,20 @@ class WeightsDemo:
 
     async def stop(self) -> None:
         await self.rig.stop()
-        for server in self.servers:
-            await server.sim.stop()
+        for fleet in self.fleets:
+            await fleet.stop()
 
     async def run(self) -> list[Phase]:
         """The scenario: steady, a fast server slowed, recovered; the view redrawn meanwhile."""
         noisy = self.servers[0]
         third = self.duration / 3
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("steady load: fast and slow servers", lambda: None),
+        steps: list[tuple[str, float]] = [  # title, slowdown of the noisy server
+            ("steady load: fast and slow servers", 1.0),
             (
                 f"{noisy.label} slowed {NOISY_SLOWDOWN:g}x (a noisy neighbour on its GPU)",
-                lambda: noisy.sim.set_slowdown(NOISY_SLOWDOWN),
+                NOISY_SLOWDOWN,
             ),
-            (f"{noisy.label} recovered", lambda: noisy.sim.set_slowdown(1.0)),
+            (f"{noisy.label} recovered", 1.0),
         ]
         load = OpenLoopLoad(
             f"http://127.0.0.1:{self.listener_port}/v1/completions", self.rate, self.tally.add
@@ -176,26 +173,27 @@ class WeightsDemo:
         traffic = asyncio.create_task(load.run(self.duration))
         started = time.monotonic()
         try:
-            for title, action in steps:
-                action()
+            for title, slowdown in steps:
+                await noisy.sim.update(slowdown=slowdown)
                 self.tally.phases.append(Phase(title))
                 phase_end = started + third * len(self.tally.phases)
                 while time.monotonic() < phase_end:
-                    self.draw(time.monotonic() - started, title, load.in_flight)
+                    await self.draw(time.monotonic() - started, title, load.in_flight)
                     await asyncio.sleep(
                         min(1.0 if self.live else 5.0, phase_end - time.monotonic())
                     )
-            self.draw(time.monotonic() - started, "load stopped, waiting for answers", 0)
+            await self.draw(time.monotonic() - started, "load stopped, waiting for answers", 0)
             await traffic
         finally:
             traffic.cancel()
         return self.tally.phases
 
-    def draw(self, elapsed: float, phase: str, in_flight: int) -> None:
+    async def draw(self, elapsed: float, phase: str, in_flight: int) -> None:
         """One frame: the fleet as the weight engine and the clients see it."""
         state = self.plane.engine.pools.get(POOL)
         published = self.plane.publisher.weights.get(POOL)
         explain = state.latest.explain if state is not None and state.latest else {}
+        sims = await asyncio.gather(*(server.sim.state() for server in self.servers))
         window = self.tally.window()
         share = shares(window, self.servers)
         latencies = [o.latency for o in window if o.status == 200]
@@ -211,9 +209,8 @@ class WeightsDemo:
             f"  {'server':<7} {'endpoint':<16} {'weight':>6} {'state':<9} {'KV':>5} {'queue':>5}"
             f" {'running':>7}  share of the last {WINDOW_S:g} s",
         ]
-        for server in self.servers:
+        for server, sim in zip(self.servers, sims, strict=True):
             why = explain.get(server.key, {})
-            sim = server.sim.state
             weight = published.endpoints.get(server.key, "-") if published else "-"
             bar = "#" * round(30 * share[server.label])
             lines.append(
