@@ -31,12 +31,22 @@ from typing import Any, NoReturn
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.load_stats.v3 import lrs_pb2
-from fanout import ServerProcess, command_loop, exit_without_goaway, pool_name
+from fanout import (
+    AdsCall,
+    ServerProcess,
+    ServerUnderTest,
+    command_loop,
+    exit_without_goaway,
+    pool_name,
+)
 
-from lrs.service import METHOD, SERVICE, ClusterStatsOnly, LoadReportingService
-from lrs.store import LoadStore
-from xds_server.server import SERVER_OPTIONS, start_grpc_server
+from lrs.service import METHOD, SERVICE, LoadReportingService
+from lrs.store import SLICE_STATS, LoadStore
+from lrs.wire import TrimmedReport
+from xds_server import typeurls
+from xds_server.server import SERVER_OPTIONS, DiscoveryServices, start_grpc_server
 
 STREAM_METHOD = f"/{SERVICE}/{METHOD}"
 ZONES = ("zone-a", "zone-b")
@@ -143,13 +153,16 @@ def counters(reports: int, endpoint_stats: int) -> dict[str, Any]:
     return {"reports": reports, "endpoint_stats": endpoint_stats, "cpu": time.process_time()}
 
 
-async def run_ours(pools: int, endpoints: int) -> NoReturn:
-    """Our LoadReportingService and LoadStore, knowing every endpoint the reports name."""
+async def run_ours(pools: int, endpoints: int, slice_stats: int) -> NoReturn:
+    """Our LoadReportingService and LoadStore, knowing every endpoint the reports name,
+    on one gRPC server with our xDS services (the same pools), as the control plane runs."""
     store = LoadStore()
     store.set_known(known_endpoints(pools, endpoints))
     names = [pool_name(p) for p in range(pools)]
-    service = LoadReportingService(store, lambda _: names)
-    _server, port = await start_grpc_server(service.handlers(), "127.0.0.1", 0)  # keep a ref
+    service = LoadReportingService(store, lambda _: names, slice_stats=slice_stats)
+    xds = ServerUnderTest(pools, endpoints)
+    handlers = [*DiscoveryServices(xds.cache, xds.registry).handlers(), *service.handlers()]
+    _server, port = await start_grpc_server(handlers, "127.0.0.1", 0)  # keep a ref
     print(json.dumps({"port": port}), flush=True)
     await command_loop(lambda _: counters(service.reports_received, store.endpoint_stats))
     exit_without_goaway()
@@ -193,8 +206,9 @@ async def run_raw(pools: int) -> NoReturn:
     exit_without_goaway()
 
 
-async def start_role(role: str, pools: int, endpoints: int) -> ServerProcess:
-    sizes = ("--pools", str(pools), "--endpoints", str(endpoints))
+async def start_role(role: str, args: argparse.Namespace) -> ServerProcess:
+    sizes = ("--pools", str(args.pools), "--endpoints", str(args.endpoints))
+    sizes += ("--slice-stats", str(args.slice_stats))
     command = (sys.executable, SCRIPT, "--role", role, *sizes)
     pipe = asyncio.subprocess.PIPE
     proc = await asyncio.create_subprocess_exec(*command, stdin=pipe, stdout=pipe)
@@ -284,10 +298,31 @@ async def handshake_seconds(port: int) -> float:
     return time.monotonic() - start
 
 
+async def xds_first_response_seconds(port: int) -> float:
+    """How long a newly connecting ADS client waits for its first CDS response right now;
+    NaN where no xDS is served (the raw server)."""
+    start = time.monotonic()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        ads = AdsCall(channel, "bench-xds-probe", b"")
+        first = discovery_pb2.DiscoveryRequest(type_url=typeurls.CLUSTER)
+        first.node.id, first.node.cluster = "bench-xds-probe", "bench"
+        try:
+            await ads.call.write(first.SerializeToString())
+            await asyncio.wait_for(ads.read(typeurls.CLUSTER), PHASE_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            return math.nan
+        except TimeoutError:
+            return math.inf
+        finally:
+            ads.call.cancel()
+    return time.monotonic() - start
+
+
 async def measure(server: ServerProcess, args: argparse.Namespace, report: bytes) -> dict:
     """One run: open the streams, warm up, then count what the server took in for a while.
 
-    Meanwhile one more stream connects, timing its handshake under that load.
+    Meanwhile one more LRS stream and one ADS stream connect, timing their first response
+    under that load.
     """
     fleet = Reporters(server.port, args.streams, report)
     try:
@@ -296,10 +331,12 @@ async def measure(server: ServerProcess, args: argparse.Namespace, report: bytes
         before = await server.command("stats")
         start, cpu = time.monotonic(), time.process_time()
         probe = asyncio.create_task(handshake_seconds(server.port))
-        await asyncio.sleep(args.seconds)
+        await asyncio.sleep(args.seconds / 2)
+        xds_probe = asyncio.create_task(xds_first_response_seconds(server.port))
+        await asyncio.sleep(args.seconds / 2)
         after = await server.command("stats")
         wall, cpu = time.monotonic() - start, time.process_time() - cpu
-        probed = await probe
+        probed, xds_probed = await probe, await xds_probe
     finally:
         await fleet.close()
     reports = after["reports"] - before["reports"]
@@ -311,6 +348,7 @@ async def measure(server: ServerProcess, args: argparse.Namespace, report: bytes
         "server_cpu_share": server_cpu / wall,
         "client_cpu_share": cpu / wall,
         "handshake_s": probed,
+        "xds_first_response_s": xds_probed,
     }
 
 
@@ -327,16 +365,22 @@ def _median_ms(action: Any, repeat: int) -> float:
 
 
 def breakdown(args: argparse.Namespace, report: bytes) -> dict[str, float]:
-    """Where one report's CPU goes, without gRPC: the two parses, and the store's ingest."""
+    """Where one report's CPU goes, without gRPC: the two parses, the store's ingest of a
+    parsed message again and again, and parse plus ingest of a fresh one per report."""
     store = LoadStore()
     store.set_known(known_endpoints(args.pools, args.endpoints))
-    parsed = ClusterStatsOnly.FromString(report)
+    parsed = TrimmedReport.FromString(report)
     clock = iter(range(10**9))
     store.ingest("warm", parsed, 0.0)
     return {
         "parse_full_ms": _median_ms(lambda: lrs_pb2.LoadStatsRequest.FromString(report), 30),
-        "parse_without_node_ms": _median_ms(lambda: ClusterStatsOnly.FromString(report), 30),
+        "parse_without_node_ms": _median_ms(lambda: TrimmedReport.FromString(report), 30),
         "ingest_ms": _median_ms(lambda: store.ingest("r", parsed, next(clock) * 0.1), 30),
+        # upb builds Python wrappers on first access and reuses them while the message
+        # lives: a fresh message per report, as the service has, costs more to read.
+        "parse_and_ingest_ms": _median_ms(
+            lambda: store.ingest("r", TrimmedReport.FromString(report), next(clock) * 0.1), 30
+        ),
         "pool_load_all_ms": _median_ms(
             lambda: [store.pool_load(pool_name(p), 3.0) for p in range(args.pools)], 10
         ),
@@ -364,7 +408,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         servers = {}
         for role in ("ours", "raw"):
-            servers[role] = await start_role(role, args.pools, args.endpoints)
+            servers[role] = await start_role(role, args)
             stack.push_async_callback(servers[role].stop)
         for _ in range(args.repeat):
             for role, server in servers.items():
@@ -388,7 +432,8 @@ def report_table(out: dict[str, Any]) -> str:
         ("server CPU per report (ms)", "server_cpu_ms_per_report"),
         ("server CPU share (cores)", "server_cpu_share"),
         ("client CPU share (cores)", "client_cpu_share"),
-        ("new stream's handshake (s)", "handshake_s"),
+        ("new LRS stream's handshake (s)", "handshake_s"),
+        ("new ADS stream's first CDS (s)", "xds_first_response_s"),
     ):
         rows.append((label, ours[key], raw[key]))
     lines = [
@@ -409,8 +454,9 @@ def report_table(out: dict[str, Any]) -> str:
     lines += [
         "one report in-process, no gRPC (median ms):",
         f"  parse as LoadStatsRequest (node included)   {inside['parse_full_ms']:8.3f}",
-        f"  parse as ClusterStatsOnly (node skipped)    {inside['parse_without_node_ms']:8.3f}",
-        f"  LoadStore.ingest                            {inside['ingest_ms']:8.3f}",
+        f"  parse as TrimmedReport (node skipped)       {inside['parse_without_node_ms']:8.3f}",
+        f"  LoadStore.ingest, same message again        {inside['ingest_ms']:8.3f}",
+        f"  parse + LoadStore.ingest, fresh message     {inside['parse_and_ingest_ms']:8.3f}",
         f"  pool_load of every cluster (all endpoints)  {inside['pool_load_all_ms']:8.3f}",
     ]
     budget_ms = 1000 * TARGET_INTERVAL / TARGET_ENVOYS
@@ -434,13 +480,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per run (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="before each run (default 1)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server (median)")
+    parser.add_argument(
+        "--slice-stats",
+        type=int,
+        default=SLICE_STATS,
+        help=f"endpoint stats merged between yields to the loop (default {SLICE_STATS})",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
         "--role", choices=("bench", "ours", "raw"), default="bench", help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     servers = {
-        "ours": lambda: run_ours(args.pools, args.endpoints),
+        "ours": lambda: run_ours(args.pools, args.endpoints, args.slice_stats),
         "raw": lambda: run_raw(args.pools),
     }
     if args.role in servers:

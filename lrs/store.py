@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict
+from operator import attrgetter
 from typing import Any, Final, Protocol
 
+from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import load_report_pb2
+from google.protobuf.message import DecodeError, Message
 
 from lrs.signals import EndpointLoad
+from lrs.wire import TrimmedReport
 
 #: The most requests one report interval may carry (2**30 - 1, ~1.07e9); more is corruption.
 #: One less than a power of two, so `(a | b | c) > MAX_COUNT` checks several counts at once.
@@ -51,16 +55,39 @@ MIN_SPAN: Final = 0.001
 #: Locality-level ORCA fields of UpstreamLocalityStats, kept under their metric names.
 UNNAMED_METRICS: Final = ("cpu_utilization", "mem_utilization", "application_utilization")
 _UTILIZATION_HINTS: Final = ("util", "usage", "perc")
+#: Endpoint stats merged between two yields of `LoadStore.ingest_steps` (~1 ms of work).
+SLICE_STATS: Final = 256
+#: What the merge reads of an endpoint or locality stat, in one C-level call per stat.
+_STAT_FIELDS: Final = (
+    "total_successful_requests",
+    "total_error_requests",
+    "total_issued_requests",
+    "total_requests_in_progress",
+    "load_metric_stats",
+)
+_STAT_ROW: Final = attrgetter(*_STAT_FIELDS)
+_ENDPOINT_ROW: Final = attrgetter("address", *_STAT_FIELDS)
+_METRIC_ROW: Final = attrgetter(
+    "metric_name", "num_requests_finished_with_metric", "total_metric_value"
+)
 
 
 class Report(Protocol):
     """A LoadStatsRequest, or any message with its `cluster_stats` field.
 
-    The service parses every report but a stream's first without the node field.
+    The service parses every report as `lrs.wire.TrimmedReport`; anything else (a full
+    LoadStatsRequest from a test or a tool) is re-parsed as one first.
     """
 
     @property
-    def cluster_stats(self) -> Iterable[load_report_pb2.ClusterStats]: ...
+    def cluster_stats(self) -> Iterable[Any]: ...
+
+
+def trimmed(request: Report) -> Message:
+    """The report as a TrimmedReport, the only shape the merge reads."""
+    if isinstance(request, TrimmedReport):
+        return request
+    return TrimmedReport.FromString(request.SerializeToString())  # type: ignore[attr-defined]
 
 
 def endpoint_address(key: str) -> tuple[str, int] | None:
@@ -91,6 +118,16 @@ class _Bucket:
         #: metric name -> [requests finished with the metric, sum of its values]
         self.metrics: dict[str, list[float]] = {}
 
+    def absorb(self, other: _Bucket) -> None:
+        """Add another bucket's sums to this one (buckets merging when the window widens)."""
+        self.success += other.success
+        self.error += other.error
+        self.issued += other.issued
+        for name, (num, total) in other.metrics.items():
+            found = self.metrics.setdefault(name, [0, 0.0])
+            found[0] += num
+            found[1] += total
+
 
 class _Series:
     """One endpoint's or one locality's load: a ring of buckets plus live levels."""
@@ -116,6 +153,21 @@ class _Series:
         if bucket is None or bucket.index != index:
             bucket = self.ring[slot] = _Bucket(index)
         return bucket
+
+    def refile(self, index_of: Callable[[int], int]) -> None:
+        """Move every bucket to its new time index (see LoadStore.set_window)."""
+        ring: list[_Bucket | None] = [None] * len(self.ring)
+        for bucket in sorted((b for b in self.ring if b is not None), key=lambda b: b.index):
+            bucket.index = index_of(bucket.index)
+            slot = bucket.index % len(ring)
+            found = ring[slot]
+            if found is not None and found.index == bucket.index:
+                found.absorb(bucket)
+            else:
+                ring[slot] = bucket  # a newer bucket displaces an older one
+        self.ring = ring
+        self.names = {name: index_of(last) for name, last in self.names.items()}
+        self.last_index = index_of(self.last_index)
 
     def admit(self, name: str, index: int, oldest: int, cap: int) -> bool:
         """Whether a metric name may start a sum in bucket `index`: at most `cap` live names."""
@@ -186,13 +238,41 @@ class _ReporterState:
         self.replace({}, self.time)
 
 
+class _Addresses(dict[bytes, "_Series | None"]):
+    """Serialized Address submessage -> the known endpoint it names (None: not known).
+
+    Reports name the same endpoints by the same bytes every time, so each address is
+    decoded once; a lookup is then one dict access in C. Bounded: cleared when full.
+    """
+
+    __slots__ = ("endpoints", "limit")
+
+    def __init__(self, endpoints: dict[tuple[str, int], _Series]) -> None:
+        super().__init__()
+        self.endpoints = endpoints
+        self.limit = 2 * len(endpoints) + 64
+
+    def __missing__(self, wire: bytes) -> _Series | None:
+        try:
+            socket = address_pb2.Address.FromString(wire).socket_address
+        except DecodeError:
+            series = None
+        else:
+            series = self.endpoints.get((socket.address, socket.port_value))
+        if len(self) >= self.limit:
+            self.clear()
+        self[wire] = series
+        return series
+
+
 class _Cluster:
     """One tracked cluster: its known endpoints, its localities, and who reports it."""
 
-    __slots__ = ("cover", "endpoints", "localities", "states")
+    __slots__ = ("addresses", "cover", "endpoints", "localities", "states")
 
     def __init__(self, buckets: int) -> None:
         self.endpoints: dict[tuple[str, int], _Series] = {}
+        self.addresses = _Addresses(self.endpoints)
         self.localities: dict[str, _Series] = {}
         #: reporter -> its latest report, least recently reported first.
         self.states: dict[str, _ReporterState] = {}
@@ -208,6 +288,20 @@ class _Cluster:
                 return
             del states[reporter]
             state.release()
+
+    def refile(self, index_of: Callable[[int], int]) -> None:
+        """Move the cover and every series to new time indexes (see LoadStore.set_window)."""
+        cover: list[list[float] | None] = [None] * len(self.cover)
+        for entry in sorted((c for c in self.cover if c is not None), key=lambda c: c[0]):
+            index = index_of(int(entry[0]))
+            found = cover[index % len(cover)]
+            if found is not None and found[0] == index:
+                found[1] += entry[1]
+            else:
+                cover[index % len(cover)] = [index, entry[1]]
+        self.cover = cover
+        for series in (*self.endpoints.values(), *self.localities.values()):
+            series.refile(index_of)
 
     def add_cover(self, index: int, interval: float) -> None:
         slot = index % len(self.cover)
@@ -286,8 +380,30 @@ class LoadStore:
                     found = cluster.endpoints.get(address)
                     endpoints[address] = found or _Series(key, self._buckets)
             cluster.endpoints = endpoints
+            cluster.addresses = _Addresses(endpoints)
             fresh[name] = cluster
         self._clusters = fresh
+
+    def set_window(self, window: float) -> None:
+        """Change the window's length, keeping its bucket count and what it holds.
+
+        The service scales the window with the reporting interval, so it stays a few
+        intervals long. Every bucket is re-filed under the index its start time has at the
+        new width: widening merges neighbours exactly; narrowing leaves each bucket's
+        counts at its start, and what falls out of the shorter window ages out.
+        """
+        if not window > 0:
+            raise ValueError("window must be > 0")
+        old, new = self._width, window / self._buckets
+        if old == new:
+            return
+        self.window, self._width = window, new
+
+        def index_of(index: int) -> int:
+            return math.floor(index * old / new)
+
+        for cluster in self._clusters.values():
+            cluster.refile(index_of)
 
     @property
     def reporters(self) -> int:
@@ -298,19 +414,39 @@ class LoadStore:
 
     def ingest(self, reporter: str, request: Report, now: float) -> None:
         """Merge one load report that arrived at monotonic time `now`; never raises on content."""
+        for _ in self.ingest_steps(reporter, request, now):
+            pass
+
+    def ingest_steps(
+        self, reporter: str, request: Report, now: float, slice_stats: int = SLICE_STATS
+    ) -> Iterator[None]:
+        """`ingest` in slices: yields after about every `slice_stats` endpoint stats.
+
+        A report of thousands of endpoints takes milliseconds to merge; the service
+        awaits the event loop at each yield so other streams are served in between.
+        The store is consistent at every yield (reads, other reporters' reports and
+        `set_known` may run there). Abandoning the iterator midway leaves a partly merged
+        report: counts merged so far stay, levels are not replaced.
+        """
         self.reports += 1
+        report = trimmed(request)
         record = self._reporter(reporter, now)
         if record is None:
             self.ignored["reporter_cap"] += 1
             return
         index = math.floor(now / self._width)
-        for stats in request.cluster_stats:
+        pending = 0
+        for stats in report.cluster_stats:
             cluster = self._clusters.get(stats.cluster_name)
             if cluster is None:
                 self.ignored["unknown_cluster"] += 1
                 continue
             record.clusters.add(stats.cluster_name)
-            self._ingest_cluster(reporter, cluster, stats, now, index)
+            for merged in self._ingest_cluster(reporter, cluster, stats, now, index, slice_stats):
+                pending += merged
+                if pending >= slice_stats:
+                    pending = 0
+                    yield
 
     def forget_reporter(self, reporter: str) -> None:
         """The reporter is gone: its in-flight levels go now, its counts age out normally."""
@@ -339,42 +475,83 @@ class LoadStore:
         return record
 
     def _ingest_cluster(
-        self,
-        reporter: str,
-        cluster: _Cluster,
-        stats: load_report_pb2.ClusterStats,
-        now: float,
-        index: int,
-    ) -> None:
+        self, reporter: str, cluster: _Cluster, stats: Any, now: float, index: int, size: int
+    ) -> Iterator[int]:
+        """Merge one ClusterStats, yielding the endpoint stats merged after each chunk."""
         oldest = index - self._buckets + 1
         cluster.expire(oldest * self._width)
-        state = cluster.states.pop(reporter, None)
+        # The state stays listed while the report is merged: forget_reporter or expire may
+        # release it at a yield, and the replace below then starts from nothing.
+        state = cluster.states.get(reporter)
         cluster.add_cover(index, self._interval(stats.load_report_interval, state, now))
         levels: dict[_Series, int] = {}
-        endpoints = cluster.endpoints
-        ingested = unknown = 0
         for locality_stats in stats.upstream_locality_stats:
             locality = self._locality(cluster, locality_stats.locality.zone, oldest)
             if locality is not None:
-                bucket = self._count(locality, locality_stats, levels, now, index)
-                self._add_metrics(locality, bucket, locality_stats.load_metric_stats, oldest)
-                self._add_metrics(locality, bucket, _unnamed_metrics(locality_stats), oldest)
-            for endpoint_stats in locality_stats.upstream_endpoint_stats:
-                address = endpoint_stats.address.socket_address
-                series = endpoints.get((address.address, address.port_value))
-                if series is None:
-                    unknown += 1
-                    continue
-                bucket = self._count(series, endpoint_stats, levels, now, index)
-                self._add_metrics(series, bucket, endpoint_stats.load_metric_stats, oldest)
-                ingested += 1
-        self.endpoint_stats += ingested
-        if unknown:
-            self.ignored["unknown_endpoint"] += unknown
-        if state is None:
-            state = _ReporterState()
+                counts = _STAT_ROW(locality_stats)
+                row = (locality, *counts[:4], [*counts[4], *_unnamed_metrics(locality_stats)])
+                self._merge([row], _same, levels, now, index)
+            rows = list(map(_ENDPOINT_ROW, locality_stats.upstream_endpoint_stats))
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                unknown = self._merge(chunk, cluster.addresses.__getitem__, levels, now, index)
+                self.endpoint_stats += len(chunk) - unknown
+                if unknown:
+                    self.ignored["unknown_endpoint"] += unknown
+                yield len(chunk)
+        state = cluster.states.pop(reporter, None) or _ReporterState()
         state.replace(levels, now)
         cluster.states[reporter] = state
+
+    def _merge(
+        self,
+        rows: Iterable[tuple[Any, int, int, int, int, Iterable[Any]]],
+        series_of: Callable[[Any], _Series | None],
+        levels: dict[_Series, int],
+        now: float,
+        index: int,
+    ) -> int:
+        """Add rows of (key, success, error, issued, in progress, metric stats) to the current
+        buckets of the series `series_of(key)` names, noting each level; returns how many
+        rows named no known series.
+
+        The hot loop of ingest (one pass per endpoint stat): locals bound, the common
+        case tested in one comparison chain, the rare rest decided by `_plausible`.
+        """
+        oldest = index - self._buckets + 1
+        slot = index % self._buckets
+        cap = self.max_metric_names
+        unknown = 0
+        max_count, max_utilization, metric_row = MAX_COUNT, MAX_UTILIZATION, _METRIC_ROW
+        for key, success, error, issued, level, metrics in rows:
+            series = series_of(key)
+            if series is None:
+                unknown += 1
+                continue
+            if (success | error | issued | level) > max_count:
+                success, error, issued, level = self._drop_large(success, error, issued, level)
+            bucket = series.ring[slot]
+            if bucket is None or bucket.index != index:
+                bucket = series.bucket(index)
+            bucket.success += success
+            bucket.error += error
+            bucket.issued += issued
+            levels[series] = levels.get(series, 0) + level
+            series.last_seen = now
+            series.last_index = index
+            sums = bucket.metrics
+            for name, num, total in map(metric_row, metrics):
+                if not (0 < num <= max_count and 0.0 <= total <= num * max_utilization):
+                    if not self._plausible(name, num, total):
+                        continue
+                found = sums.get(name)
+                if found is None:
+                    if not self._admit(series, name, index, oldest, cap):
+                        continue
+                    found = sums[name] = [0, 0.0]
+                found[0] += num
+                found[1] += total
+        return unknown
 
     def _interval(self, duration: Any, previous: _ReporterState | None, now: float) -> float:
         """The report's interval; if implausible, the time since the reporter's last one."""
@@ -404,53 +581,20 @@ class LoadStore:
         series = localities[zone] = _Series(zone, self._buckets)
         return series
 
-    def _count(
-        self, series: _Series, stats: Any, levels: dict[_Series, int], now: float, index: int
-    ) -> _Bucket:
-        """Add one locality's or endpoint's counts to its current bucket, and note its level."""
-        bucket = series.ring[index % self._buckets]
-        if bucket is None or bucket.index != index:
-            bucket = series.bucket(index)
-        success = stats.total_successful_requests
-        error = stats.total_error_requests
-        issued = stats.total_issued_requests
-        level = stats.total_requests_in_progress
-        if (success | error | issued | level) > MAX_COUNT:
-            success, error, issued, level = self._drop_large(success, error, issued, level)
-        bucket.success += success
-        bucket.error += error
-        bucket.issued += issued
-        levels[series] = levels.get(series, 0) + level
-        series.last_seen = now
-        series.last_index = index
-        return bucket
-
     def _drop_large(self, *counts: int) -> tuple[int, ...]:
         kept = tuple(0 if count > MAX_COUNT else count for count in counts)
         self.dropped_values["count_too_large"] += sum(count > MAX_COUNT for count in counts)
         return kept
 
-    def _add_metrics(
-        self, series: _Series, bucket: _Bucket, metrics: Iterable[Any], oldest: int
-    ) -> None:
-        """Add ORCA metric sums (EndpointLoadMetricStats) to the series' current bucket."""
-        sums = bucket.metrics
-        for metric in metrics:
-            num = metric.num_requests_finished_with_metric
-            total = metric.total_metric_value
-            name = metric.metric_name
-            # The common case in one comparison chain; the rare rest decides per reason.
-            if not (0 < num <= MAX_COUNT and 0.0 <= total <= num * MAX_UTILIZATION):
-                if not self._plausible(name, num, total):
-                    continue
-            found = sums.get(name)
-            if found is None:
-                if not series.admit(name, bucket.index, oldest, self.max_metric_names):
-                    self.ignored["metric_name_cap"] += 1
-                    continue
-                found = sums[name] = [0, 0.0]
-            found[0] += num
-            found[1] += total
+    def _admit(self, series: _Series, name: str, index: int, oldest: int, cap: int) -> bool:
+        """Whether a metric name new to the bucket may start a sum there; counts why not."""
+        if not 0 < len(name) <= MAX_NAME:
+            self.dropped_values["bad_name"] += 1
+            return False
+        if not series.admit(name, index, oldest, cap):
+            self.ignored["metric_name_cap"] += 1
+            return False
+        return True
 
     def _plausible(self, name: str, num: int, total: float) -> bool:
         """Whether a metric sum outside the common range is still believable; counts why not."""
@@ -517,7 +661,11 @@ class LoadStore:
         }
 
 
-def _unnamed_metrics(stats: load_report_pb2.UpstreamLocalityStats) -> list[Any]:
+def _same(series: _Series) -> _Series:
+    return series
+
+
+def _unnamed_metrics(stats: Any) -> list[Any]:
     """The locality's dedicated cpu/mem/application utilization fields, as named metric sums.
 
     Envoy 1.40 leaves them empty (it reports these under their names in load_metric_stats),

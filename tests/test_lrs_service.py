@@ -11,7 +11,8 @@ import grpc
 import pytest
 from envoy.service.load_stats.v3 import lrs_pb2
 
-from lrs.service import METHOD, SERVICE, LoadReportingService
+from lrs.pacing import IntervalGovernor
+from lrs.service import METHOD, REASK_AFTER, SERVICE, LoadReportingService
 from lrs.store import LoadStore
 from tests.test_lrs_store import KV, endpoint, report
 from xds_server.bootstrap import XDS_CLUSTER, envoy_bootstrap
@@ -194,6 +195,21 @@ async def test_unparseable_report_is_counted_and_the_stream_goes_on(rig: Rig):
     assert rig.service.connected_reporters == 1
 
 
+async def test_clusters_left_out_of_reports_are_asked_for_again_after_a_while(rig: Rig):
+    """An Envoy asked for a cluster it did not have yet never reports it; reports without
+    any cluster stats at all (none of the asked-for clusters existed) count too."""
+    client = rig.client()  # group "edge": pool-a and pool-b
+    await client.send()
+    await client.recv()
+    await client.send(report("pool-a", endpoint(A, ok=1)))
+    await client.expect_silence(0.2)  # too soon to ask again
+    await asyncio.sleep(REASK_AFTER)
+    await client.send()  # a report with no cluster stats
+    again = await client.recv()
+    assert list(again.clusters) == ["pool-a", "pool-b"]
+    assert rig.service.clusters_reasked == 1
+
+
 def test_interval_must_be_positive():
     with pytest.raises(ValueError):
         LoadReportingService(LoadStore(), lambda c: [], interval=0)
@@ -272,3 +288,96 @@ async def test_real_envoy_reports_per_endpoint_rates_and_orca_means(tmp_path):
         await server.stop(grace=None)
         for upstream in upstreams:
             await upstream.stop()
+
+
+# --------------------------------------------------------------------------- back-pressure
+
+
+def test_governor_raises_the_interval_over_budget_and_lowers_it_when_load_falls():
+    governor = IntervalGovernor(base=1.0, budget=0.5, max_interval=60.0, horizon=5.0)
+    for t in range(7):  # 0.9 cores of ingest for the first full history (5 s + 2 intervals)
+        governor.record(0.9, float(t))
+        assert governor.review(t + 0.5) is None
+    assert governor.usage(7.0) == pytest.approx(0.9)
+    assert governor.review(7.0) == pytest.approx(2.2)  # 1 s * 0.9 / (0.8 * 0.5), rounded
+    assert governor.usage(7.0) == 0.0  # history restarts at the new interval
+    for t in range(8, 17):  # the fleet now reports half as often: ~0.4 cores, in budget
+        governor.record(0.4, float(t))
+        assert governor.review(t + 0.5) is None
+    for t in range(17, 40):  # then the fleet shrinks: hardly any ingest
+        governor.record(0.01, float(t))
+    assert governor.review(40.0) == 1.0  # back to the configured interval, not below
+    assert governor.changes == 2
+
+
+def test_governor_caps_the_interval_and_lowers_it_in_proportion():
+    governor = IntervalGovernor(base=1.0, budget=0.5, max_interval=10.0, horizon=1.0)
+    for t in range(4):
+        governor.record(50.0, float(t))
+    assert governor.review(4.0) == 10.0  # 100 cores' worth wants 250 s: capped
+    for t in range(5, 26):
+        governor.record(1.9, float(t))  # still over budget at the cap: nothing to do
+    assert governor.review(26.0) is None and governor.interval == 10.0
+    for t in range(26, 48):
+        governor.record(0.18, float(t))  # 0.36 of the budget: lower, aiming at 0.8 of it
+    assert governor.review(48.0) == 4.5
+    with pytest.raises(ValueError):
+        IntervalGovernor(base=1.0, max_interval=0.5)
+
+
+async def test_ingest_over_budget_sends_a_longer_interval_and_widens_the_window():
+    store = LoadStore(window=2.0)
+    store.set_known({"pool-a": [A]})
+    governor = IntervalGovernor(base=0.1, budget=1e-9, max_interval=0.5, horizon=0.05)
+    service = LoadReportingService(store, lambda c: ["pool-a"], interval=0.1, governor=governor)
+    server, port = await start_grpc_server(service.handlers(), "127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = LrsClient(channel, "e1", "edge")
+            await client.send()
+            assert (await client.recv()).load_reporting_interval.ToNanoseconds() == 100_000_000
+            deadline = time.monotonic() + 10
+            while (response := await _report_until_answered(client)) is None:
+                assert time.monotonic() < deadline, "no new interval"
+            assert response.load_reporting_interval.ToNanoseconds() == 500_000_000
+            assert list(response.clusters) == ["pool-a"]
+        assert service.reporting_interval == 0.5 and store.window == pytest.approx(10.0)
+        assert service.cpu_budget == 1e-9 and service.budget_use >= 0.0
+    finally:
+        await server.stop(grace=None)
+
+
+async def _report_until_answered(client: LrsClient) -> lrs_pb2.LoadStatsResponse | None:
+    await client.send(report("pool-a", endpoint(A, ok=1)))
+    try:
+        return await client.recv(0.05)
+    except TimeoutError:
+        return None
+
+
+async def test_a_large_report_is_merged_in_slices_with_the_loop_running_between():
+    store = LoadStore()
+    keys = [f"10.0.0.{i}:8000" for i in range(1, 201)]
+    store.set_known({"pool-a": keys})
+    service = LoadReportingService(store, lambda c: ["pool-a"], slice_stats=10)
+    server, port = await start_grpc_server(service.handlers(), "127.0.0.1", 0)
+    seen: set[int] = set()  # endpoint stats merged so far, as other tasks saw it
+
+    async def watch() -> None:
+        while True:
+            seen.add(store.endpoint_stats)
+            await asyncio.sleep(0)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = LrsClient(channel, "e1", "edge")
+            await client.send()
+            await client.recv()
+            watcher = asyncio.create_task(watch())
+            await client.send(report("pool-a", *(endpoint(k, ok=1) for k in keys)))
+            await until(lambda: store.endpoint_stats == 200)
+            watcher.cancel()
+        # Another task ran between the slices of 10: it saw the report partly merged.
+        assert set(range(10, 200, 10)) <= seen
+    finally:
+        await server.stop(grace=None)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 
 import pytest
 from envoy.config.endpoint.v3 import load_report_pb2
 from envoy.service.load_stats.v3 import lrs_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lrs.service import ClusterStatsOnly
 from lrs.signals import EndpointLoad
-from lrs.store import MAX_COUNT, LoadStore, endpoint_address
+from lrs.store import MAX_COUNT, LoadStore, endpoint_address, trimmed
+from lrs.wire import TrimmedReport
 
 KV = "named_metrics.kv_cache_usage_perc"
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
@@ -373,8 +374,115 @@ def test_any_bytes_that_parse_as_a_report_never_raise(payload):
     store = LoadStore()
     store.set_known({"pool": [A]})
     try:
-        request = ClusterStatsOnly.FromString(payload)
+        request = TrimmedReport.FromString(payload)
     except DecodeError:  # not a protobuf at all: the service counts it as rejected
         return
     store.ingest("e1", request, 1.0)
     assert all(_sane(load) for load in store.pool_load("pool", 1.0).values())
+
+
+# --------------------------------------------------------------------------- slices, window
+
+
+def test_ingest_in_slices_yields_between_endpoint_stats_and_equals_one_piece(store: LoadStore):
+    stats = [endpoint(key, ok=2, in_progress=1, metrics={KV: (2, 1.0)}) for key in (A, B, C)]
+    whole = LoadStore(window=5.0, buckets=5)
+    whole.set_known({"pool": [A, B, C]})
+    whole.ingest("envoy-1", report("pool", *stats), 1.0)
+    steps = store.ingest_steps("envoy-1", report("pool", *stats), 1.0, slice_stats=1)
+    assert next(steps) is None and store.endpoint_stats == 1  # paused after the first stat
+    assert store.pool_load("pool", 1.0)[A].rps > 0  # readable at a pause
+    assert sum(1 for _ in steps) == 2
+    assert store.pool_load("pool", 1.0) == whole.pool_load("pool", 1.0)
+
+
+def test_reporter_forgotten_while_its_report_is_paused_leaves_no_levels(store: LoadStore):
+    store.ingest("envoy-1", report("pool", endpoint(A, ok=1, in_progress=4)), 1.0)
+    steps = store.ingest_steps(
+        "envoy-1", report("pool", endpoint(A, in_progress=9), endpoint(B, ok=1)), 2.0, 1
+    )
+    next(steps)
+    store.forget_reporter("envoy-1")  # the stream closed: the service drops the iterator
+    steps.close()
+    load = store.pool_load("pool", 2.0)[A]
+    assert load.in_progress == 0 and load.reporters == 0
+
+
+def test_address_lookups_are_cached_and_garbage_addresses_are_unknown(store: LoadStore):
+    request = trimmed(report("pool", endpoint(A, ok=1), endpoint(A, ok=1)))
+    request.cluster_stats[0].upstream_locality_stats[0].upstream_endpoint_stats[
+        1
+    ].address = b"\x0a\xff"  # a socket_address whose length runs past the end
+    for t in (1.0, 2.0):
+        store.ingest("envoy-1", request, t)
+    assert store.ignored["unknown_endpoint"] == 2 and store.endpoint_stats == 2
+    assert len(store._clusters["pool"].addresses) == 2
+
+
+def test_metric_names_that_are_empty_or_too_long_are_dropped(store: LoadStore):
+    names = {"": (1, 0.5), "n" * 300: (1, 0.5), KV: (1, 0.5)}
+    store.ingest("envoy-1", report("pool", endpoint(A, ok=1, metrics=names)), 1.0)
+    assert store.pool_load("pool", 1.0)[A].metrics == {KV: 0.5}
+    assert store.dropped_values == {"bad_name": 2}
+
+
+@pytest.mark.parametrize("factor", [2.0, 4.0, 0.5])
+def test_set_window_keeps_rates_means_and_levels(factor):
+    store = LoadStore(window=4.0, buckets=4)
+    store.set_known({"pool": [A]})
+    for t in (1.0, 2.0, 3.0, 4.0):
+        stats = endpoint(A, ok=10, in_progress=2, metrics={KV: (10, 5.0)})
+        store.ingest("envoy-1", report("pool", stats), t)
+    store.set_window(4.0 * factor)
+    assert store.window == 4.0 * factor
+    load = store.pool_load("pool", 4.5)[A]
+    assert load.rps == pytest.approx(10.0)  # every report covers 1 s
+    assert load.metrics == {KV: pytest.approx(0.5)} and load.in_progress == 2
+    # Later reports land in the same kind of window.
+    store.ingest("envoy-1", report("pool", endpoint(A, ok=10)), 5.0)
+    assert store.pool_load("pool", 5.1)[A].rps == pytest.approx(10.0)
+
+
+def test_a_wider_window_holds_reports_that_are_further_apart():
+    store = LoadStore(window=5.0, buckets=5)
+    store.set_known({"pool": [A]})
+    store.set_window(40.0)  # the service asks for 10 s intervals
+    for t in (10.0, 20.0, 30.0):
+        store.ingest("envoy-1", report("pool", endpoint(A, ok=100, in_progress=3), interval=10), t)
+    load = store.pool_load("pool", 35.0)[A]
+    assert load.rps == pytest.approx(10.0) and load.in_progress == 3
+    with pytest.raises(ValueError):
+        store.set_window(0)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_requests())
+def test_the_trimmed_report_reads_what_the_full_message_says(request):
+    """lrs.wire declares its own descriptor: every field the store reads must decode to the
+    value the real LoadStatsRequest decodes, the address as that submessage's bytes."""
+    payload = request.SerializeToString()
+    full, trim = lrs_pb2.LoadStatsRequest.FromString(payload), trimmed(request)
+    assert [c.cluster_name for c in trim.cluster_stats] == [
+        c.cluster_name for c in full.cluster_stats
+    ]
+    counts = ("total_successful_requests", "total_error_requests", "total_issued_requests")
+    counts += ("total_requests_in_progress",)
+    for mine, theirs in zip(trim.cluster_stats, full.cluster_stats, strict=True):
+        assert mine.load_report_interval == theirs.load_report_interval
+        for ml, tl in zip(
+            mine.upstream_locality_stats, theirs.upstream_locality_stats, strict=True
+        ):
+            assert ml.locality == tl.locality
+            assert _wire([ml.cpu_utilization]) == _wire([tl.cpu_utilization])
+            assert [getattr(ml, n) for n in counts] == [getattr(tl, n) for n in counts]
+            assert _wire(ml.load_metric_stats) == _wire(tl.load_metric_stats)
+            pairs = zip(ml.upstream_endpoint_stats, tl.upstream_endpoint_stats, strict=True)
+            for me, te in pairs:
+                assert me.address == te.address.SerializeToString()
+                assert [getattr(me, n) for n in counts] == [getattr(te, n) for n in counts]
+                assert _wire(me.load_metric_stats) == _wire(te.load_metric_stats)
+
+
+def _wire(messages: Iterable[Message]) -> list[bytes]:
+    """Messages as bytes: equal values compare equal, NaN included."""
+    return [m.SerializeToString() for m in messages]
