@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -406,6 +407,86 @@ def test_empty_pool() -> None:
     assert HeadroomPolicy(Params()).compute([], 0.0) == PoolWeights(endpoints={}, localities={})
 
 
+def test_emptied_pool_forgets_its_endpoints() -> None:
+    policy = HeadroomPolicy(Params())
+    fleet = steady(a=load(10, 0.4), b=load(20, 0.4))
+    before = run(policy, fleet, 0.0)
+    assert policy.compute([], 15.0).endpoints == {}
+    again = run(policy, fleet, 15.0, rounds=1)
+    assert again is not before and states(again) == {"a": "blackout", "b": "blackout"}
+
+
+# --------------------------------------------------------------------------- no new data
+
+
+def reported_at(at: float, **loads: EndpointLoad) -> Fleet:
+    """The store's view when the last reports came at `at`: the same values, growing older."""
+    return lambda now: [
+        endpoint(key, replace(report, age=now - at)) for key, report in loads.items()
+    ]
+
+
+def test_a_call_with_nothing_new_returns_the_previous_answer_itself() -> None:
+    policy = HeadroomPolicy(Params(probe_after=5.0))
+    last = run(policy, steady(a=load(20, kv=0.4), b=load(10, kv=0.6)), 0.0)  # last report at 14
+    quiet = reported_at(14.0, a=load(20, kv=0.4), b=load(10, kv=0.6))
+    for now in (14.0, 15.0, 18.9):  # new input objects, but no new report and nothing due
+        assert policy.compute(quiet(now), now) is last
+    # A new report is taken in (here it changes nothing Envoy sees, yet it is a new answer).
+    fresh = policy.compute([endpoint("a", load(20, kv=0.4)), quiet(18.9)[1]], 18.9)
+    assert fresh is not last and fresh == last
+    # An endpoint's static weight or zone, or another endpoint, is a change too.
+    moved = [endpoint("a", quiet(18.9)[0].load, zone="zone-b"), quiet(18.9)[1]]
+    assert policy.compute(moved, 18.9).localities == {
+        "zone-a": last.endpoints["b"],
+        "zone-b": last.endpoints["a"],
+    }
+    assert set(policy.compute(quiet(18.9)[:1], 18.9).endpoints) == {"a"}
+
+
+def test_a_change_due_by_time_alone_is_not_skipped() -> None:
+    policy = HeadroomPolicy(Params(blackout=10.0, expiry=30.0, probe_after=5.0))
+    quiet = reported_at(5.0, a=load(20, kv=0.4), b=load(10, kv=0.4))
+    first = policy.compute(quiet(5.0), 5.0)
+    assert policy.compute(quiet(9.9), 9.9) is first
+    assert set(states(first).values()) == {"blackout"}
+    assert states(policy.compute(quiet(15.0), 15.0)) == {"a": "active", "b": "active"}
+    active = policy.compute(quiet(34.0), 34.0)
+    assert policy.compute(quiet(34.9), 34.9) is active
+    assert states(policy.compute(quiet(35.0), 35.0))["a"] == "active"  # 30 s old: still used
+    assert set(states(policy.compute(quiet(35.1), 35.1)).values()) == {"stale"}
+
+
+def test_a_saturated_endpoint_is_probed_when_its_reports_stop() -> None:
+    params = Params(saturated_action="lower_priority", probe_after=5.0)
+    policy = HeadroomPolicy(params)
+    run(policy, steady(a=load(10, kv=0.3), hot=load(10, kv=1.0, queue=9)), 0.0)
+    quiet = reported_at(14.0, a=load(10, kv=0.3), hot=load(10, kv=1.0, queue=9))
+    moved = policy.compute(quiet(18.0), 18.0)
+    assert moved.saturated == frozenset({"hot"}) and policy.compute(quiet(18.5), 18.5) is moved
+    assert policy.compute(quiet(19.0), 19.0).saturated == frozenset()
+
+
+def test_an_answer_the_same_inputs_would_not_give_again_is_not_reused() -> None:
+    # "warm" was saturated and still counts as such (pressure 0.95 >= saturation_exit), so
+    # its spare capacity is not counted and "hot" cannot leave; warm cannot either and is
+    # let back in, so next time its spare counts and hot does leave.
+    params = Params(saturated_action="lower_priority", ewma_alpha=1.0, blackout=0.0)
+    policy = HeadroomPolicy(params)
+    cool = load(1, kv=0.08)  # capacity 10: 9 requests/s to spare
+    run(policy, steady(cool=cool, warm=load(5, kv=0.96), hot=load(10, kv=0.4)), 0.0, rounds=3)
+    now_hot = {"cool": cool, "warm": load(100, kv=0.76), "hot": load(10, kv=0.96)}
+    assert policy.compute(steady(**now_hot)(3.0), 3.0).saturated == frozenset()
+    assert policy.compute(reported_at(3.0, **now_hot)(3.5), 3.5).saturated == {"hot"}
+
+
+class _NoShortcut(HeadroomPolicy):
+    """The reference: the same policy, recomputing on every call."""
+
+    def _reusable(self, endpoints: Sequence[EndpointInput], now: float) -> PoolWeights | None:
+        return None
+
+
 # --------------------------------------------------------------------------- plug-ins
 
 
@@ -547,18 +628,45 @@ def test_weights_are_always_valid_for_envoy(case: tuple[Params, list]) -> None:
         json.dumps([dict(why) for why in result.explain.values()], allow_nan=False)
 
 
+def assert_same_answer(one: PoolWeights, two: PoolWeights) -> None:
+    """The same for Envoy, and explained alike."""
+    assert (one.endpoints, one.localities, one.saturated) == (
+        two.endpoints,
+        two.localities,
+        two.saturated,
+    )
+    assert [(key, dict(why)) for key, why in one.explain.items()] == [
+        (key, dict(why)) for key, why in two.explain.items()
+    ]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_rounds())
 def test_same_calls_give_the_same_weights(case: tuple[Params, list]) -> None:
     params, rounds = case
     first, second = HeadroomPolicy(params), HeadroomPolicy(params)
     for now, fleet in rounds:
-        one, two = first.compute(fleet, now), second.compute(fleet, now)
-        assert (one.endpoints, one.localities, one.saturated) == (
-            two.endpoints,
-            two.localities,
-            two.saturated,
-        )
-        assert [dict(why) for why in one.explain.values()] == [
-            dict(why) for why in two.explain.values()
-        ]
+        assert_same_answer(first.compute(fleet, now), second.compute(fleet, now))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_rounds(), st.data())
+def test_the_shortcut_gives_what_a_full_recompute_gives(
+    case: tuple[Params, list], data: st.DataObject
+) -> None:
+    """Each round is asked again a little later with the same reports, grown older (the
+    shortcut's case), or with the very same inputs (new reports if their age is 0)."""
+    params, rounds = case
+    policy, reference = HeadroomPolicy(params), _NoShortcut(params)
+    for now, fleet in rounds:
+        calls = [(now, fleet)]
+        for later in data.draw(st.lists(st.sampled_from([0.0, 0.5, 5.0, 9.5, 10.0, 30.0, 31.0]))):
+            same = [
+                replace(item, load=replace(item.load, age=item.load.age + later))
+                if item.load is not None and data.draw(st.booleans())
+                else item
+                for item in fleet
+            ]
+            calls.append((now + later, same))
+        for at, inputs in calls:
+            assert_same_answer(policy.compute(inputs, at), reference.compute(inputs, at))
