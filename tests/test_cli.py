@@ -33,6 +33,13 @@ def test_demo_refuses_impossible_settings_before_starting_anything(args: tuple[s
     assert result.returncode == 2 and "--load must be in" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--lrs-interval", "--lrs-cpu-budget"])
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "soon"])
+def test_serve_refuses_a_bad_lrs_setting(flag: str, bad: str):
+    result = run("serve", flag, bad)
+    assert result.returncode == 2 and "expected a positive number" in result.stderr
+
+
 def test_validate_accepts_every_example():
     for path in sorted((ROOT / "snapshots").glob("*.yaml")):
         result = run("validate", str(path))

@@ -149,6 +149,13 @@ async def test_load_and_weight_metrics_from_a_real_load_store(api: tuple[Control
     samples = await scrape(admin)
     ep = {"pool": "llama", "endpoint": A}
     assert value(samples, "xds_lrs_load_reports_received_total") == 1
+    # The control loop: LRS pacing at the configured interval, the engine's rounds.
+    assert value(samples, "xds_lrs_reporting_interval_seconds") == plane.settings.lrs_interval
+    assert value(samples, "xds_lrs_ingest_cpu_budget_cores") == plane.settings.lrs_cpu_budget
+    assert value(samples, "xds_lrs_ingest_cpu_cores") >= 0
+    assert value(samples, "xds_weight_pushes_total", pool="llama") >= 1
+    assert value(samples, "xds_weight_policy_errors_total") == 0
+    assert value(samples, "xds_weight_rounds_failed_total") == 0
     assert value(samples, "xds_pool_endpoints_reporting", pool="llama") == 2
     assert value(samples, "xds_endpoint_load_metric", **ep, metric=KV) == pytest.approx(0.25)
     assert value(samples, "xds_endpoint_requests_per_second", **ep) > 0

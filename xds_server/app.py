@@ -44,6 +44,7 @@ class Settings:
     admin_debounce: float = 0.05  # API changes within this many seconds publish together
     router_port: int = 18001  # the body router (ext_proc); 0 picks a free port
     lrs_interval: float = 1.0  # seconds between an Envoy's load reports
+    lrs_cpu_budget: float = 0.5  # cores of report merging before reporters are slowed down
     weight_tick: float = 0.25  # seconds between weight recomputations
 
 
@@ -70,8 +71,14 @@ class ControlPlane:
         self.router_port = settings.router_port
         self._router: grpc.aio.Server | None = None
         self.store = LoadStore(window=max(5.0, 4 * settings.lrs_interval))
-        self.lrs = LoadReportingService(self.store, self._lrs_clusters, settings.lrs_interval)
+        self.lrs = LoadReportingService(
+            self.store,
+            self._lrs_clusters,
+            settings.lrs_interval,
+            cpu_budget=settings.lrs_cpu_budget,
+        )
         self.engine = WeightEngine(self.store, self.publisher.publish_weights, settings.weight_tick)
+        self.metrics.observe_control_loop(self.lrs, self.engine)
         self.publisher.on_config.append(self._follow_config)
         self.observe_load(
             lambda pool: self.store.pool_load(pool, time.monotonic()), lambda: self.store.reports

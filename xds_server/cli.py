@@ -34,6 +34,16 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xds-server",
@@ -79,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="file holding the bearer token that admin API changes need (default: "
         "$XDS_ADMIN_TOKEN; with neither, changes are refused)",
+    )
+    serve.add_argument(
+        "--lrs-interval",
+        type=_positive,
+        default=1.0,
+        help="seconds between an Envoy's load reports (default 1)",
+    )
+    serve.add_argument(
+        "--lrs-cpu-budget",
+        type=_positive,
+        default=0.5,
+        help="cores that merging load reports may use before Envoys are asked to report "
+        "less often (default 0.5)",
     )
 
     validate = sub.add_parser(
@@ -226,6 +249,8 @@ async def _serve(args: argparse.Namespace) -> int:
         router_port=args.router_port,
         state=args.state,
         admin_token_file=args.admin_token_file,
+        lrs_interval=args.lrs_interval,
+        lrs_cpu_budget=args.lrs_cpu_budget,
     )
     plane = ControlPlane(settings)
     try:

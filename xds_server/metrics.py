@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lrs.engine import WeightEngine
+from lrs.service import LoadReportingService
 from xds_server import typeurls
 from xds_server.cache import SnapshotCache, Subscriber
 from xds_server.clients import Client, ClientRegistry, TypeStatus, sync_state
@@ -338,6 +340,51 @@ def _gauge(
     return family
 
 
+class ControlLoopCollector(Collector):
+    """The load-to-weights loop: LRS pacing (back-pressure) and the weight engine's rounds.
+
+    An operator sees here why weights react slowly (a raised reporting interval under
+    ingest load) or not at all (a failing custom policy)."""
+
+    def __init__(self, lrs: LoadReportingService, engine: WeightEngine) -> None:
+        self.lrs = lrs
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        lrs = self.lrs
+        yield GaugeMetricFamily(
+            "xds_lrs_reporting_interval_seconds",
+            "load_reporting_interval sent to Envoys (raised above lrs_interval under ingest load)",
+            value=lrs.reporting_interval,
+        )
+        yield GaugeMetricFamily(
+            "xds_lrs_ingest_cpu_cores",
+            "CPU spent merging load reports, in cores, recently",
+            value=lrs.ingest_cpu_share,
+        )
+        yield GaugeMetricFamily(
+            "xds_lrs_ingest_cpu_budget_cores",
+            "ingest CPU above which reporters are asked to report less often",
+            value=lrs.cpu_budget,
+        )
+        pushes = CounterMetricFamily(
+            "xds_weight_pushes", "EDS pushes of engine-computed weights", labels=["pool"]
+        )
+        for name, state in self.engine.pools.items():
+            pushes.add_metric([name], state.pushes)
+        yield pushes
+        yield CounterMetricFamily(
+            "xds_weight_policy_errors",
+            "weight policy calls that failed or gave invalid weights (weights kept)",
+            value=self.engine.policy_errors,
+        )
+        yield CounterMetricFamily(
+            "xds_weight_rounds_failed",
+            "weight engine rounds that failed",
+            value=self.engine.step_errors,
+        )
+
+
 class Metrics:
     """All xds_ series of one control plane, in its own registry, served as `/metrics`."""
 
@@ -356,6 +403,9 @@ class Metrics:
         self.load = LoadCollector(fleet)
         self.registry.register(StateCollector(cache, clients, fleet.source))
         self.registry.register(self.load)
+
+    def observe_control_loop(self, lrs: LoadReportingService, engine: WeightEngine) -> None:
+        self.registry.register(ControlLoopCollector(lrs, engine))
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every series."""
