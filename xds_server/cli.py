@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--load",
         type=float,
-        default=0.6,
-        help="weights: offered load as a fraction of the fleet's capacity (default 0.6)",
+        default=0.5,
+        help="weights: offered load as a fraction of the fleet's maximum throughput (default 0.5)",
     )
     demo.add_argument(
         "--requests", type=int, default=300, help="edits: requests per phase (default 300)"

@@ -248,7 +248,7 @@ def summary(phases: list[Phase], servers: list[Server]) -> str:
 
 
 async def run_weights_demo(
-    duration: float = 60.0, load: float = 0.6, out: TextIO = sys.stdout
+    duration: float = 60.0, load: float = 0.5, out: TextIO = sys.stdout
 ) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="xds-demo-"))
     demo = WeightsDemo(workdir, duration, load, out)
