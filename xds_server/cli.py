@@ -300,10 +300,8 @@ async def _body_router(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.scenario == "edits":
-        from xds_server.demo import run_demo
-
-        return asyncio.run(run_demo(requests_per_phase=args.requests))
+    from xds_server.demo import run_demo
+    from xds_server.envoy_process import EnvoyNotFound
     from xds_server.weights_demo import run_weights_demo
 
     if not 0 < args.load <= 2 or args.duration < 3:
@@ -311,7 +309,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "xds-server demo: --load must be in (0, 2] and --duration at least 3", file=sys.stderr
         )
         return 2
-    return asyncio.run(run_weights_demo(duration=args.duration, load=args.load))
+    if args.scenario == "edits":
+        demo = run_demo(requests_per_phase=args.requests)
+    else:
+        demo = run_weights_demo(duration=args.duration, load=args.load)
+    try:
+        return asyncio.run(demo)
+    except EnvoyNotFound as err:
+        print(f"xds-server demo: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_body_router(args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,6 @@ import aiohttp
 import yaml
 
 from xds_server.cli import default_snapshot
-from xds_server.envoy_process import EnvoyNotFound
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
 from xds_server.upstream import Upstream
 
@@ -114,54 +111,51 @@ def show(title: str, counts: collections.Counter[str]) -> None:
 
 
 async def run_demo(requests_per_phase: int = 300) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="xds-demo-"))
-    demo = Demo(workdir, requests_per_phase)
-    try:
-        await demo.start()
-        model = demo.doc["listeners"][0]["routes"][0].get("model")
-        show(
-            f"1. {requests_per_phase} requests for model {model!r}, equal weights:",
-            await demo.traffic(model),
-        )
+    """Raises EnvoyNotFound when the envoy binary is missing."""
+    with tempfile.TemporaryDirectory(prefix="xds-demo-") as workdir:
+        demo = Demo(Path(workdir), requests_per_phase)
+        try:
+            await demo.start()
+            model = demo.doc["listeners"][0]["routes"][0].get("model")
+            show(
+                f"1. {requests_per_phase} requests for model {model!r}, equal weights:",
+                await demo.traffic(model),
+            )
 
-        first = demo.doc["pools"][0]["endpoints"][0]
-        await demo.edit(
-            f"weight of {first['address']}:{first['port']} -> 6",
-            lambda d: d["pools"][0]["endpoints"][0].update(weight=6),
-        )
-        show("2. after the weight edit:", await demo.traffic(model))
+            first = demo.doc["pools"][0]["endpoints"][0]
+            await demo.edit(
+                f"weight of {first['address']}:{first['port']} -> 6",
+                lambda d: d["pools"][0]["endpoints"][0].update(weight=6),
+            )
+            show("2. after the weight edit:", await demo.traffic(model))
 
-        last = demo.doc["pools"][0]["endpoints"][-1]
-        await demo.edit(
-            f"remove endpoint {last['address']}:{last['port']}",
-            lambda d: d["pools"][0]["endpoints"].pop(),
-        )
-        show("3. after removing an endpoint:", await demo.traffic(model))
+            last = demo.doc["pools"][0]["endpoints"][-1]
+            await demo.edit(
+                f"remove endpoint {last['address']}:{last['port']}",
+                lambda d: d["pools"][0]["endpoints"].pop(),
+            )
+            show("3. after removing an endpoint:", await demo.traffic(model))
 
-        new_endpoint = {"address": "127.0.0.1", "port": 0, "zone": "zone-c"}
-        await demo.add_upstream(new_endpoint)
-        await demo.edit(
-            "add pool 'qwen-7b' and a route for model 'qwen-7b'",
-            lambda d: _add_pool(d, "qwen-7b", new_endpoint),
-        )
-        show("4. requests for model 'qwen-7b':", await demo.traffic("qwen-7b"))
+            new_endpoint = {"address": "127.0.0.1", "port": 0, "zone": "zone-c"}
+            await demo.add_upstream(new_endpoint)
+            await demo.edit(
+                "add pool 'qwen-7b' and a route for model 'qwen-7b'",
+                lambda d: _add_pool(d, "qwen-7b", new_endpoint),
+            )
+            show("4. requests for model 'qwen-7b':", await demo.traffic("qwen-7b"))
 
-        say("\n>>> edit: a broken file (weight 0, which Envoy would reject)")
-        demo.doc["pools"][0]["endpoints"][0]["weight"] = 0
-        demo.write()
-        await asyncio.sleep(0.5)
-        assert demo.plane.source.last is not None
-        for problem in demo.plane.source.last.problems:
-            say(f"    refused: {problem}")
-        show("5. still serving the last good config:", await demo.traffic(model))
-        say("\ndone: cleaning up")
-        return 0
-    except EnvoyNotFound as err:
-        print(f"xds-server demo: {err}", file=sys.stderr)
-        return 2
-    finally:
-        await demo.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+            say("\n>>> edit: a broken file (weight 0, which Envoy would reject)")
+            demo.doc["pools"][0]["endpoints"][0]["weight"] = 0
+            demo.write()
+            await asyncio.sleep(0.5)
+            assert demo.plane.source.last is not None
+            for problem in demo.plane.source.last.problems:
+                say(f"    refused: {problem}")
+            show("5. still serving the last good config:", await demo.traffic(model))
+            say("\ndone: cleaning up")
+            return 0
+        finally:
+            await demo.stop()
 
 
 def _add_pool(doc: dict[str, Any], name: str, endpoint: dict[str, Any]) -> None:

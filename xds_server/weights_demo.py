@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import shutil
 import sys
 import tempfile
 import time
@@ -22,7 +21,6 @@ from typing import Any, TextIO
 
 import yaml
 
-from xds_server.envoy_process import EnvoyNotFound
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
 from xds_server.loadgen import OpenLoopLoad, Outcome
 from xds_server.simulator.config import SimulatorConfig
@@ -250,17 +248,14 @@ def summary(phases: list[Phase], servers: list[Server]) -> str:
 async def run_weights_demo(
     duration: float = 60.0, load: float = 0.5, out: TextIO = sys.stdout
 ) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="xds-demo-"))
-    demo = WeightsDemo(workdir, duration, load, out)
-    try:
-        out.write("starting 4 simulated model servers, the control plane and a real Envoy ...\n")
-        await demo.start()
-        phases = await demo.run()
-        out.write("\n" + summary(phases, demo.servers) + "\n")
-        return 0
-    except EnvoyNotFound as err:
-        print(f"xds-server demo: {err}", file=sys.stderr)
-        return 2
-    finally:
-        await demo.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    """Raises EnvoyNotFound when the envoy binary is missing."""
+    with tempfile.TemporaryDirectory(prefix="xds-demo-") as workdir:
+        demo = WeightsDemo(Path(workdir), duration, load, out)
+        try:
+            out.write("starting 4 simulated model servers, the control plane and a real Envoy\n")
+            await demo.start()
+            phases = await demo.run()
+            out.write("\n" + summary(phases, demo.servers) + "\n")
+            return 0
+        finally:
+            await demo.stop()
