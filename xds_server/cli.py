@@ -255,14 +255,14 @@ async def _serve(args: argparse.Namespace) -> int:
     plane = ControlPlane(settings)
     try:
         await plane.start()
-    except SnapshotError as err:
-        print(f"xds-server: {settings.snapshot} is not valid, not serving:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
-    except (OSError, StateFileError, TokenError) as err:
-        print(f"xds-server: {err}", file=sys.stderr)
-        await plane.stop(0)
+    except (SnapshotError, OSError, StateFileError, TokenError) as err:
+        await plane.stop(0)  # whatever started before the failure
+        if isinstance(err, SnapshotError):
+            print(f"xds-server: {settings.snapshot} is not valid, not serving:", file=sys.stderr)
+            for problem in err.problems:
+                print(f"  {problem}", file=sys.stderr)
+        else:
+            print(f"xds-server: {err}", file=sys.stderr)
         return 2
     await _until_signalled()
     await plane.stop()
