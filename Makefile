@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench-fanout clean
+.PHONY: test demo lint bench-fanout bench-balance clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ lint: $(STAMP)
 
 bench-fanout: $(STAMP)
 	$(BIN)/python bench/fanout.py
+
+# Balancing quality (issue 6): ~8.5 minutes; table on stdout, JSON and PNGs in bench/results/.
+bench-balance: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/balance.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

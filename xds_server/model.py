@@ -31,7 +31,10 @@ from lrs.params import ParamError, Params, parse_params
 from lrs.policy import PolicyError, load_policy
 
 DEFAULT_GROUP: Final = "default"
-LB_POLICIES: Final = ("round_robin", "least_request")
+#: client_side_weighted_round_robin: Envoy weighs endpoints itself from the ORCA headers of
+#: responses (qps / utilization), ignoring EDS weights.
+CSWRR: Final = "client_side_weighted_round_robin"
+LB_POLICIES: Final = ("round_robin", "least_request", CSWRR)
 WEIGHTINGS: Final = ("static", "orca")
 MODEL_HEADER: Final = "x-gateway-model-name"
 #: Where Envoy finds the body router when the file names no address (`xds-server serve` runs
@@ -496,6 +499,13 @@ def _read_pool(r: _Reader, value: object, path: str) -> Pool | None:
     endpoints = [e for _, e in entries]
     _check_weight_sums(r, _join(path, "endpoints"), endpoints)
     policy, orca = _read_policy(r, m, path)
+    if lb_policy == CSWRR and weighting == "orca":
+        r.problem(
+            _join(path, "weighting"),
+            f"{CSWRR} computes its own weights from ORCA and ignores EDS weights: "
+            "use weighting: static with it, or weighting: orca with round_robin or least_request",
+        )
+        return None
     if name is None or lb_policy is None or weighting is None or connect_timeout is None:
         return None
     if policy is None or orca is None:

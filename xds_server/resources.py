@@ -17,6 +17,7 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    extension_pb2,
     grpc_service_pb2,
     health_check_pb2,
     protocol_pb2,
@@ -30,17 +31,22 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3 import (
+    client_side_weighted_round_robin_pb2 as cswrr_pb2,
+)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from lrs.params import Params
 from lrs.signals import PoolWeights
 from xds_server import typeurls
 from xds_server.model import (
     BODY_ROUTER_ADDRESS,
     BODY_ROUTER_PORT,
+    CSWRR,
     MODEL_HEADER,
     BodyRouterSettings,
     Config,
@@ -77,6 +83,10 @@ ORCA_LRS_METRICS: Final = (
     "mem_utilization",
     "application_utilization",
 )
+
+CSWRR_EXTENSION: Final = "envoy.load_balancing_policies.client_side_weighted_round_robin"
+#: Envoy raises a shorter weight_update_period to this.
+CSWRR_MIN_UPDATE: Final = 0.1
 
 Resources = dict[str, dict[str, Message]]
 
@@ -216,9 +226,9 @@ def body_router_cluster(target: tuple[str, int]) -> cluster_pb2.Cluster:
 
 
 def _ask_for_orca(target: Message, pool: Pool) -> None:
-    """A Route or a ClusterWeight of an orca pool asks its servers for load reports and keeps
-    them from the client."""
-    if pool.weighting == "orca":
+    """A Route or a ClusterWeight of a pool weighted by ORCA (ours, or Envoy's CS-WRR) asks its
+    servers for load reports and keeps them from the client."""
+    if pool.weighting == "orca" or pool.lb_policy == CSWRR:
         target.request_headers_to_add.add(
             header=base_pb2.HeaderValue(key=ORCA_FORMAT_HEADER, value="TEXT"),
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
@@ -262,19 +272,47 @@ def route_configuration(spec: Listener, config: Config) -> route_pb2.RouteConfig
     return route_pb2.RouteConfiguration(name=spec.name, virtual_hosts=[host])
 
 
-def cluster(pool: Pool) -> cluster_pb2.Cluster:
-    """An EDS cluster with locality weighting on, so zone weights set in EDS take effect."""
-    common = cluster_pb2.Cluster.CommonLbConfig(
-        locality_weighted_lb_config=cluster_pb2.Cluster.CommonLbConfig.LocalityWeightedLbConfig()
+def _cswrr_policy(params: Params) -> cluster_pb2.LoadBalancingPolicy:
+    """Envoy weighs each endpoint by qps / utilization from its responses' ORCA headers.
+
+    The pool's `orca:` parameters that mean the same thing in both weightings set it, so one
+    vocabulary (and one set of defaults: blackout 10 s and a 1 s update as Envoy's) serves
+    both: blackout, expiry (weight_expiration_period), push_interval (weight_update_period),
+    error_penalty, and kv_cache_metrics, the named metrics whose max is the utilization when a
+    report has no application_utilization (vLLM sends none).
+    """
+    config = cswrr_pb2.ClientSideWeightedRoundRobin(
+        blackout_period=_duration(params.blackout),
+        weight_expiration_period=_duration(params.expiry),
+        weight_update_period=_duration(max(CSWRR_MIN_UPDATE, params.push_interval)),
+        error_utilization_penalty=wrappers_pb2.FloatValue(value=params.error_penalty),
+        metric_names_for_computing_utilization=params.kv_cache_metrics,
     )
+    policy = cluster_pb2.LoadBalancingPolicy()
+    policy.policies.add().typed_extension_config.CopyFrom(
+        extension_pb2.TypedExtensionConfig(name=CSWRR_EXTENSION, typed_config=_pack(config))
+    )
+    return policy
+
+
+def cluster(pool: Pool) -> cluster_pb2.Cluster:
+    """An EDS cluster with locality weighting on, so zone weights set in EDS take effect.
+
+    CS-WRR pools get Envoy's extension instead: it weighs endpoints (and ignores EDS weights)
+    from the ORCA headers of their responses.
+    """
     result = cluster_pb2.Cluster(
         name=pool.name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=_duration(pool.connect_timeout),
-        lb_policy=_LB_POLICIES[pool.lb_policy],
-        common_lb_config=common,
     )
+    if pool.lb_policy == CSWRR:
+        result.load_balancing_policy.CopyFrom(_cswrr_policy(pool.orca))
+    else:
+        result.lb_policy = _LB_POLICIES[pool.lb_policy]
+        common = result.common_lb_config
+        common.locality_weighted_lb_config.SetInParent()
     if pool.weighting == "orca":
         result.lrs_report_endpoint_metrics.extend(ORCA_LRS_METRICS)
     return result
