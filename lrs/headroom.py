@@ -7,17 +7,19 @@ saturation detector (gateway-api-inference-extension, utilization detector):
 
     pressure    = max(kv_cache / kv_cache_threshold, queue / queue_threshold,
                       utilization, in_flight / in_flight_threshold)
-    utilization = pressure + error_penalty * error_rps / rps           (gRFC A58)
+    utilization = min(1, pressure) + error_penalty * error_rps / rps   (gRFC A58)
     capacity    = rps / utilization                                     (gRFC A58, CS-WRR)
+                  - queue / drain_time
 
 `capacity` is the request rate the endpoint would serve at pressure 1. While an
 endpoint is below saturation its signals grow with its traffic, so the ratio does
 not depend on how much traffic it gets: weights proportional to capacity are a
 stable fixed point at which every endpoint runs at the same pressure (the
 argument behind gRPC's weighted_round_robin, gRFC A58, and Envoy's
-client_side_weighted_round_robin). Past saturation throughput stops growing
-while the queue does, so capacity falls below the endpoint's current throughput
-and traffic moves away until the queue drains.
+client_side_weighted_round_robin). At saturation an endpoint serves as fast as it
+can: its throughput is its capacity, and its waiting queue takes away the rate
+that drains it in `drain_time`, so traffic moves away until the queue drains
+(by as much as the backlog, not by the queue's multiple of its threshold).
 
 Everything else is about not trusting thin data, adapted from CS-WRR (Envoy
 source, client_side_weighted_round_robin_lb.cc; gRFC A58): an endpoint without a
@@ -113,6 +115,7 @@ class _Track:
         "pressure",
         "published",
         "published_state",
+        "queue",
         "raw",
         "rps",
         "saturated",
@@ -136,7 +139,8 @@ class _Track:
         # Averages (EWMA) of what decides the weight.
         self.rps: float | None = None
         self.pressure: float | None = None  # the bottleneck signal, 1 = full
-        self.utilization: float | None = None  # pressure plus the error penalty
+        self.utilization: float | None = None  # pressure up to 1, plus the error penalty
+        self.queue: float | None = None  # waiting requests
         # The latest report taken in and its bottleneck, for the explanation.
         self.load: EndpointLoad | None = None
         self.bottleneck: str | None = None
@@ -151,7 +155,7 @@ class _Track:
 
     def forget_load(self) -> None:
         """After a silence old averages mean nothing: start again from the next report."""
-        self.rps = self.pressure = self.utilization = self.estimate = None
+        self.rps = self.pressure = self.utilization = self.estimate = self.queue = None
 
 
 class HeadroomPolicy:
@@ -262,6 +266,7 @@ class HeadroomPolicy:
         can be estimated, its capacity. The hot loop: parameters are bound once."""
         p = self.params
         expiry, blackout, min_rps, floor = p.expiry, p.blackout, p.min_rps, p.min_utilization
+        drain_time, drained = p.drain_time, p.saturated_weight
         take_in = self._take_in
         for endpoint, track in zip(endpoints, rows, strict=True):
             track.zone, track.static_weight = endpoint.zone, endpoint.static_weight
@@ -286,6 +291,10 @@ class HeadroomPolicy:
                 state = ACTIVE
                 # Near-zero pressure under traffic means lightly loaded, not unknown.
                 capacity = rps / (utilization if utilization > floor else floor)
+                # A backlog lowers the weight by the rate that drains it in `drain_time`,
+                # down to a share that keeps fresh reports coming.
+                if track.queue:
+                    capacity = max(drained * capacity, capacity - track.queue / drain_time)
                 # Bounded so that ratios between endpoints, however wild, stay finite.
                 capacity = 1e-9 if capacity < 1e-9 else 1e12 if capacity > 1e12 else capacity
                 track.estimate = capacity
@@ -325,9 +334,9 @@ class HeadroomPolicy:
         pressure, bottleneck = -1.0, None
         if kv / kv_full > pressure:
             pressure, bottleneck = kv / kv_full, "kv_cache"
-        queue = _first(metrics, queue_names) / queue_full
-        if queue > pressure:
-            pressure, bottleneck = queue, "queue"
+        waiting = _first(metrics, queue_names)
+        if waiting / queue_full > pressure:
+            pressure, bottleneck = waiting / queue_full, "queue"
         utilization = _first(metrics, utilization_names)
         if utilization > pressure:
             pressure, bottleneck = utilization, "utilization"
@@ -347,7 +356,13 @@ class HeadroomPolicy:
         track.pressure = _fold(track.pressure, pressure, alpha)
         # The error share of requests: at most all of them; NaN compares False.
         errors = 0.0 if not errors > 0.0 else 1.0 if errors >= rps else errors / rps
-        track.utilization = _fold(track.utilization, pressure + penalty * errors, alpha)
+        # Past saturation (pressure >= 1) an endpoint serves as fast as it can: its throughput
+        # is its capacity. The queue beyond that says how much to take away, not how slow
+        # it is (dividing by queue / queue_threshold made a queueing server look several
+        # times slower than it was, and twin servers swung traffic between them).
+        saturated = 1.0 if pressure > 1.0 else pressure
+        track.utilization = _fold(track.utilization, saturated + penalty * errors, alpha)
+        track.queue = _fold(track.queue, waiting if waiting > 0.0 else 0.0, alpha)
 
     # ------------------------------------------------------------------ per pool
 
@@ -500,7 +515,7 @@ def _most_pressed_first(track: _Track) -> tuple[float, str]:
 
 #: Values per endpoint in an Explanation: key, state, weight, bottleneck, the averages, report.
 _FACTS: Final = 9
-_AVERAGES: Final = ("pressure", "utilization", "capacity_rps", "rps")
+_AVERAGES: Final = ("pressure", "utilization", "capacity", "rps")
 
 
 class Explanation(Mapping[str, Mapping[str, object]]):

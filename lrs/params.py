@@ -43,6 +43,9 @@ class Params:
     queue_threshold: float = 5.0
     #: Requests in flight (Envoy's view) that count as full; 0 leaves the signal out.
     in_flight_threshold: float = 0.0
+    #: Seconds in which a waiting queue should drain: it lowers the endpoint's weight by
+    #: queue / drain_time requests per second.
+    drain_time: float = 10.0
     #: gRFC A58's error_utilization_penalty: utilization += penalty * errors / requests.
     error_penalty: float = 1.0
     #: Weight of a new sample one second after the previous one (Envoy's load-aware
@@ -119,6 +122,7 @@ _RANGES: Final[dict[str, _Range]] = {
     "queue_threshold": _Range(0.0, 1e9, low_open=True),
     "in_flight_threshold": _Range(0.0, 1e9),
     "error_penalty": _Range(0.0, 1e6),
+    "drain_time": _POSITIVE_SECONDS,
     "ewma_alpha": _FRACTION,
     "hysteresis": _Range(0.0, 1.0, high_open=True),
     "blackout": _SECONDS,

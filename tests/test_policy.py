@@ -154,7 +154,7 @@ def test_weights_are_proportional_to_capacity() -> None:
     # Same pressure, twice the throughput: twice the capacity (the CS-WRR fixed point).
     result = run(HeadroomPolicy(Params()), steady(a=load(20, kv=0.4), b=load(10, kv=0.4)), 0.0)
     assert result.endpoints == {"a": 1000, "b": 500}
-    assert result.explain["a"]["capacity_rps"] == 40.0
+    assert result.explain["a"]["capacity"] == 40.0
     assert result.explain["a"]["bottleneck"] == "kv_cache"
 
 
@@ -317,10 +317,30 @@ def test_probe_brings_a_lower_priority_endpoint_back_when_reports_stop() -> None
     assert probed.explain["hot"]["state"] == "active"
 
 
+def test_a_queueing_server_is_weighted_by_its_throughput_less_its_backlog() -> None:
+    """Seen in the balancing benchmark: dividing throughput by queue / queue_threshold put a
+    server serving 11 requests/s at 2.75; twin servers then swung traffic between them."""
+    fleet = steady(busy=load(11, kv=0.9, queue=20), calm=load(8, kv=0.4))
+    result = run(HeadroomPolicy(Params(drain_time=10.0)), fleet, 0.0)
+    # busy: 11 - 20 / 10 = 9 requests/s; calm: 8 / 0.5 = 16.
+    assert result.endpoints == {"busy": int(1000 * 9 / 16 + 0.5), "calm": 1000}
+    assert result.explain["busy"]["bottleneck"] == "queue"
+    assert result.explain["busy"]["pressure"] == pytest.approx(4.0)
+
+
+def test_a_backlog_larger_than_the_drain_rate_leaves_a_trickle_not_zero() -> None:
+    fleet = steady(swamped=load(5, kv=1.0, queue=100), calm=load(10, kv=0.4))
+    result = run(HeadroomPolicy(Params(saturation_exit=0.99)), fleet, 0.0)
+    # 5 - 100 / 10 < 0: kept at saturated_weight (5 %) of its capacity, 0.25 requests/s.
+    assert result.endpoints["swamped"] == int(1000 * 0.25 / 20 + 0.5)
+    assert result.endpoints["calm"] == 1000
+
+
 def test_whole_pool_saturated_is_weighted_by_headroom() -> None:
     result = run(HeadroomPolicy(Params()), steady(a=load(20, 0.95, 6), b=load(10, 0.95, 6)), 0.0)
     assert states(result) == {"a": "active", "b": "active"}
-    assert result.endpoints == {"a": 1000, "b": 500}
+    # Saturated: capacity is throughput, less the queue's drain rate (6 / drain_time 10).
+    assert result.endpoints == {"a": 1000, "b": int(1000 * 9.4 / 19.4 + 0.5)}
 
 
 def test_saturated_endpoint_stays_when_the_others_cannot_take_its_traffic() -> None:
