@@ -71,6 +71,10 @@ class Params:
     saturation_exit: float = 0.9
     #: Seconds without a fresh signal after which a saturated endpoint comes back anyway.
     probe_after: float = 5.0
+    #: With lb_policy least_request, Envoy picks by weight / (requests in flight + 1) ** bias:
+    #: our weights set the shares, the bias lets Envoy steer bursts between two pushes
+    #: (Envoy's default 1.0; 2.0 measured fewer errors on servers with bounded queues).
+    active_request_bias: float = 2.0
     #: Seconds between two EDS pushes of the pool's weights (the engine's debounce;
     #: CS-WRR recomputes every second).
     push_interval: float = 1.0
@@ -134,6 +138,7 @@ _RANGES: Final[dict[str, _Range]] = {
     "saturation_exit": _FRACTION,
     "probe_after": _POSITIVE_SECONDS,
     "push_interval": _SECONDS,
+    "active_request_bias": _Range(0.0, 10.0),
 }
 
 

@@ -229,3 +229,29 @@ def test_every_group_has_all_four_types(demo: Config) -> None:
 def test_round_trip(demo_resources, type_url: str, message_type: type[Message]) -> None:
     for message in demo_resources[type_url].values():
         assert message_type.FromString(message.SerializeToString()) == message
+
+
+def _pool_cluster(pool_yaml: str) -> cluster_pb2.Cluster:
+    doc = "listeners: []\npools:\n" + textwrap.indent(textwrap.dedent(pool_yaml), "  ")
+    config = parse_config(doc, "test.yaml")
+    return build_all(config)["default"][typeurls.CLUSTER]["p"]
+
+
+def test_load_weighted_pools_default_to_least_request_with_a_stronger_request_bias() -> None:
+    endpoints = "endpoints: [{address: 10.0.0.1, port: 80}]"
+    orca = _pool_cluster(f"- name: p\n  weighting: orca\n  {endpoints}\n")
+    assert orca.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+    bias = orca.least_request_lb_config.active_request_bias
+    assert bias.default_value == 2.0 and bias.runtime_key == "xds_server.p.active_request_bias"
+    tuned = _pool_cluster(
+        f"- name: p\n  weighting: orca\n  orca: {{active_request_bias: 1.0}}\n  {endpoints}\n"
+    )
+    assert tuned.least_request_lb_config.active_request_bias.default_value == 1.0
+    # Round robin has no bias, and static pools keep Envoy's own least request.
+    rr = _pool_cluster(f"- name: p\n  weighting: orca\n  lb_policy: round_robin\n  {endpoints}\n")
+    assert rr.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN and not rr.HasField(
+        "least_request_lb_config"
+    )
+    static = _pool_cluster(f"- name: p\n  lb_policy: least_request\n  {endpoints}\n")
+    assert not static.HasField("least_request_lb_config")
+    assert _pool_cluster(f"- name: p\n  {endpoints}\n").lb_policy == cluster_pb2.Cluster.ROUND_ROBIN

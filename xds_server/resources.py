@@ -315,6 +315,10 @@ def cluster(pool: Pool) -> cluster_pb2.Cluster:
         common.locality_weighted_lb_config.SetInParent()
     if pool.weighting == "orca":
         result.lrs_report_endpoint_metrics.extend(ORCA_LRS_METRICS)
+        if pool.lb_policy == "least_request":
+            bias = result.least_request_lb_config.active_request_bias
+            bias.default_value = pool.orca.active_request_bias
+            bias.runtime_key = f"xds_server.{pool.name}.active_request_bias"
     return result
 
 
