@@ -50,18 +50,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.balance_load import (
-    OK,
-    Mix,
-    Outcome,
-    Request,
-    latency_summary,
-    percentile,
-    poisson_schedule,
-    send,
-)
+from bench.balance_load import LENGTHS, latency_summary, percentile
 from xds_server.app import ControlPlane
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_server.loadgen import OK, Mix, Outcome, Request, poisson_schedule, send
 from xds_server.model import CSWRR
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.openai import Api
@@ -676,7 +668,7 @@ def source_state() -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     plan = plan_from(args)
-    mix = Mix()
+    mix = Mix(LENGTHS)
     admissions: list[Admission] = []
     configs = fleet_configs(args.fast, args.slow, args.batch, args.kv_fast, args.max_waiting)
     servers = [CountingServer(config, name, admissions) for name, config in configs]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 
-from xds_server.loadgen import OpenLoopLoad, Outcome, RequestMix
-from xds_server.upstream import Upstream
+from xds_server.loadgen import ERROR, OK, Mix, OpenLoopLoad, Outcome, RequestMix
+from xds_server.simulator.config import SimulatorConfig
+from xds_server.simulator.server import ModelServer
 
 
 def test_mix_is_seeded_and_clipped() -> None:
@@ -23,16 +24,18 @@ def test_mix_is_seeded_and_clipped() -> None:
 
 async def test_open_loop_sends_at_the_rate_and_reports_each_outcome() -> None:
     outcomes: list[Outcome] = []
-    async with Upstream("u") as upstream:
-        load = OpenLoopLoad(
-            f"http://127.0.0.1:{upstream.port}/v1/completions", 40.0, outcomes.append
-        )
+    config = SimulatorConfig.profile("fast", time_scale=0.1)
+    async with ModelServer(config, name="sim") as server:
+        mix = Mix(RequestMix(prompt_tokens=20, output_tokens=4), stream_share=0.5)
+        load = OpenLoopLoad(f"{server.url}/v1/completions", 40.0, outcomes.append, mix=mix)
         await load.run(2.0)
     # Poisson with mean 80: far outside 40..130 only by a bug.
     assert 40 <= len(outcomes) <= 130
-    assert {o.status for o in outcomes} == {200}
-    assert {o.upstream for o in outcomes} == {str(upstream.port)}
-    assert upstream.requests == len(outcomes)
+    assert {o.status for o in outcomes} == {OK}
+    assert {o.upstream for o in outcomes} == {"sim"}
+    assert all(o.output_tokens == o.request.max_tokens for o in outcomes)
+    streamed = [o for o in outcomes if o.request.stream]
+    assert streamed and all(o.sent < o.ttft <= o.finished for o in streamed)
     assert load.in_flight == 0
 
 
@@ -40,4 +43,4 @@ async def test_unreachable_server_is_an_outcome_not_a_crash() -> None:
     outcomes: list[Outcome] = []
     load = OpenLoopLoad("http://127.0.0.1:9/v1/completions", 20.0, outcomes.append, timeout=2.0)
     await load.run(0.5)
-    assert outcomes and {o.status for o in outcomes} == {0}
+    assert outcomes and {o.status for o in outcomes} == {ERROR}

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import yaml
 
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
-from xds_server.loadgen import OpenLoopLoad, Outcome
+from xds_server.loadgen import OK, OpenLoopLoad, Outcome
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.process import RemoteSimulator, SimulatorProcess
 
@@ -79,9 +79,9 @@ class Tally:
 
 
 def shares(outcomes: list[Outcome], servers: list[Server]) -> dict[str, float]:
-    answered = collections.Counter(o.upstream for o in outcomes if o.status == 200)
+    answered = collections.Counter(o.upstream for o in outcomes if o.status == OK)
     total = sum(answered.values()) or 1
-    return {s.label: answered[str(s.sim.port)] / total for s in servers}
+    return {s.label: answered[s.sim.name] / total for s in servers}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -194,8 +194,8 @@ class WeightsDemo:
         sims = await asyncio.gather(*(server.sim.state() for server in self.servers))
         window = self.tally.window()
         share = shares(window, self.servers)
-        latencies = [o.latency for o in window if o.status == 200]
-        errors = sum(1 for o in window if o.status != 200)
+        latencies = [o.latency for o in window if o.status == OK]
+        errors = sum(1 for o in window if o.status != OK)
         p50, p95 = p50_p95(latencies)
         lines = [
             f"t={elapsed:5.1f}s  {phase}",
@@ -233,8 +233,8 @@ def summary(phases: list[Phase], servers: list[Server]) -> str:
     lines = ["share of answered requests per server, latency per phase:", head]
     for phase in phases:
         share = shares(phase.outcomes, servers)
-        latencies = [o.latency for o in phase.outcomes if o.status == 200]
-        errors = sum(1 for o in phase.outcomes if o.status != 200)
+        latencies = [o.latency for o in phase.outcomes if o.status == OK]
+        errors = sum(1 for o in phase.outcomes if o.status != OK)
         p50, p95 = p50_p95(latencies)
         lines.append(
             f"{phase.title[:52]:<52} "
