@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.balance_load import LENGTHS, latency_summary, percentile
 from xds_server.app import ControlPlane
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_server.loadgen import OK, Mix, Outcome, Request, poisson_schedule, send
 from xds_server.model import CSWRR
 from xds_server.simulator.config import SimulatorConfig
@@ -282,14 +282,7 @@ def snapshot(strategy: Strategy, servers: list[CountingServer], port: int, orca:
     }
     if orca:
         pool["orca"] = orca
-    listener = {
-        "name": "inference",
-        "address": "127.0.0.1",
-        "port": port,
-        "body_routing": False,
-        "routes": [{"prefix": "/", "pool": POOL, "timeout": 0}],
-    }
-    return {"listeners": [listener], "pools": [pool]}
+    return one_pool_snapshot(port, pool, listener={"body_routing": False}, route={"timeout": 0})
 
 
 class WeightLog:

@@ -17,6 +17,7 @@ from envoy.service.load_stats.v3 import lrs_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from xds_server.app import ControlPlane, Settings
+from xds_server.envoy_rig import local_settings, one_pool_snapshot
 
 TOKEN = "test-token-0123456789"
 KV = "named_metrics.kv_cache_usage_perc"
@@ -25,25 +26,10 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 def snapshot_doc(ports: list[int], listener_port: int = 10000) -> dict[str, Any]:
     """One listener routing everything to pool `llama`, endpoints on 127.0.0.1 in two zones."""
-    return {
-        "listeners": [
-            {
-                "name": "inference",
-                "address": "127.0.0.1",
-                "port": listener_port,
-                "routes": [{"prefix": "/", "pool": "llama"}],
-            }
-        ],
-        "pools": [
-            {
-                "name": "llama",
-                "endpoints": [
-                    {"address": "127.0.0.1", "port": p, "zone": f"zone-{i % 2}"}
-                    for i, p in enumerate(ports)
-                ],
-            }
-        ],
-    }
+    endpoints = [
+        {"address": "127.0.0.1", "port": p, "zone": f"zone-{i % 2}"} for i, p in enumerate(ports)
+    ]
+    return one_pool_snapshot(listener_port, {"name": "llama", "endpoints": endpoints})
 
 
 def write_doc(path: Path, doc: dict[str, Any]) -> None:
@@ -87,8 +73,7 @@ class Admin:
 
 def plane_settings(path: Path, **overrides: Any) -> Settings:
     """Ephemeral ports everywhere and a fast watcher."""
-    base = {"xds_port": 0, "admin_port": 0, "router_port": 0, "watch_interval": 0.05}
-    return Settings(snapshot=path, **{**base, **overrides})
+    return local_settings(path, **{"watch_interval": 0.05, **overrides})
 
 
 @contextlib.asynccontextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_server.model import CSWRR
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.server import ModelServer
@@ -54,10 +54,8 @@ async def test_cswrr_is_accepted_and_moves_traffic_off_a_slow_server(tmp_path: P
         "orca": {"blackout": 1, "push_interval": 0.5},
         "endpoints": [{"address": "127.0.0.1", "port": s.port} for s in servers],
     }
-    routes = [{"prefix": "/", "pool": "llama"}]
-    listener = {"name": "inference", "address": "127.0.0.1", "port": port, "routes": routes}
     snapshot = tmp_path / "snapshot.yaml"
-    snapshot.write_text(yaml.safe_dump({"listeners": [listener], "pools": [pool]}))
+    snapshot.write_text(yaml.safe_dump(one_pool_snapshot(port, pool)))
     pair = PlaneWithEnvoy(local_settings(snapshot), tmp_path, NODE)
     try:
         await pair.start()  # returns once every type is ACKed at the current version

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from xds_server.app import ControlPlane
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.server import ModelServer
 
@@ -79,26 +79,13 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     for server in servers:
         await server.start()
     listener_port = free_port()
-    doc = {
-        "listeners": [
-            {
-                "name": "inference",
-                "address": "127.0.0.1",
-                "port": listener_port,
-                "routes": [{"prefix": "/", "pool": "llama"}],
-            }
-        ],
-        "pools": [
-            {
-                "name": "llama",
-                "weighting": "orca",
-                "orca": {"blackout": 0.5, "expiry": 3, "push_interval": 0.5, "probe_after": 3},
-                "endpoints": [
-                    {"address": "127.0.0.1", "port": s.port, "zone": "zone-a"} for s in servers
-                ],
-            }
-        ],
+    pool = {
+        "name": "llama",
+        "weighting": "orca",
+        "orca": {"blackout": 0.5, "expiry": 3, "push_interval": 0.5, "probe_after": 3},
+        "endpoints": [{"address": "127.0.0.1", "port": s.port, "zone": "zone-a"} for s in servers],
     }
+    doc = one_pool_snapshot(listener_port, pool)
     path = tmp_path / "snapshot.yaml"
     path.write_text(yaml.safe_dump(doc))
     settings = local_settings(path, lrs_interval=0.5, weight_tick=0.1)

@@ -9,6 +9,7 @@ reverse order, whatever happened in between.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def one_pool_snapshot(
+    listener_port: int,
+    pool: Mapping[str, Any],
+    listener: Mapping[str, Any] | None = None,
+    route: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A snapshot document: one listener on 127.0.0.1 sending every request to `pool`.
+
+    The shape the demo, the benchmarks and the Envoy tests serve; `listener` and `route`
+    add keys to the listener and its one route (e.g. `{"timeout": 0}`).
+    """
+    spec = {"name": "inference", "address": "127.0.0.1", "port": listener_port, **(listener or {})}
+    spec["routes"] = [{"prefix": "/", "pool": pool["name"], **(route or {})}]
+    return {"listeners": [spec], "pools": [dict(pool)]}
 
 
 def local_settings(snapshot: Path, **overrides: Any) -> Settings:

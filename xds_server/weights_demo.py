@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_server.loadgen import OK, OpenLoopLoad, Outcome
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.process import RemoteSimulator, SimulatorProcess
@@ -126,27 +126,12 @@ class WeightsDemo:
         await self.rig.start()
 
     def _snapshot(self) -> dict[str, Any]:
-        return {
-            "listeners": [
-                {
-                    "name": "inference",
-                    "address": "127.0.0.1",
-                    "port": self.listener_port,
-                    "routes": [{"prefix": "/", "pool": POOL}],
-                }
-            ],
-            "pools": [
-                {
-                    "name": POOL,
-                    "weighting": "orca",
-                    "orca": ORCA,
-                    "endpoints": [
-                        {"address": "127.0.0.1", "port": s.sim.port, "zone": f"zone-{i % 2}"}
-                        for i, s in enumerate(self.servers)
-                    ],
-                }
-            ],
-        }
+        endpoints = [
+            {"address": "127.0.0.1", "port": s.sim.port, "zone": f"zone-{i % 2}"}
+            for i, s in enumerate(self.servers)
+        ]
+        pool = {"name": POOL, "weighting": "orca", "orca": ORCA, "endpoints": endpoints}
+        return one_pool_snapshot(self.listener_port, pool)
 
     async def stop(self) -> None:
         await self.rig.stop()
