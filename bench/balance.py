@@ -50,10 +50,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.balance_load import LENGTHS, latency_summary, percentile
+from bench.balance_load import LENGTHS, latency_summary
 from xds_server.app import ControlPlane
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
-from xds_server.loadgen import OK, Mix, Outcome, Request, poisson_schedule, send
+from xds_server.loadgen import OK, Mix, Outcome, Request, percentile, poisson_schedule, send
 from xds_server.model import CSWRR
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.openai import Api

@@ -1,5 +1,5 @@
 """How the balancing benchmark's load is shaped and scored: its request lengths and the
-latency percentiles.
+latency summaries (the percentile itself is the load generator's, `xds_server.loadgen`).
 
 Kept apart from the orchestration (`balance.py`) so the pieces a reader must trust are small,
 pure and tested on their own. Sending (Poisson schedule, streaming, TTFT) is the product's
@@ -9,24 +9,15 @@ open-loop generator, `xds_server.loadgen`, which the demo uses too.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from xds_server.loadgen import OK, Outcome, RequestMix
+from xds_server.loadgen import OK, Outcome, RequestMix, percentile
 
 #: Lengths for the benchmark's small simulated servers: short answers (the servers are slow
 #: per token) and prompts that fit the slow profile's small KV cache with room to spare.
 LENGTHS = RequestMix(
     prompt_tokens=200, output_tokens=48, spread=0.55, max_prompt_tokens=1200, max_output_tokens=256
 )
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of sorted values; inf entries stand for requests
-    never answered, so a percentile that lands on one is inf: "over the cut-off"."""
-    if not values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100.0 * len(values)))
-    return values[rank - 1]
 
 
 def latency_summary(outcomes: Iterable[Outcome]) -> dict[str, float]:

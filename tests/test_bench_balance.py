@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench import balance
-from bench.balance_load import latency_summary, percentile
-from xds_server.loadgen import ERROR, OK, Mix, Outcome, Request, poisson_schedule
+from bench.balance_load import latency_summary
+from xds_server.loadgen import ERROR, OK, Mix, Outcome, Request, percentile, poisson_schedule
 from xds_server.model import CSWRR, parse_config
 
 

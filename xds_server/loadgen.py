@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -145,6 +145,15 @@ async def _read_stream(resp: aiohttp.ClientResponse, outcome: Outcome) -> None:
             outcome.output_tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     outcome.finished = time.monotonic()
     outcome.status = ERROR if failed or not outcome.output_tokens else OK
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of sorted values; inf entries stand for requests
+    never answered, so a percentile that lands on one is inf: "over the cut-off"."""
+    if not values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(values)))
+    return values[rank - 1]
 
 
 class OpenLoopLoad:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from typing import Any, TextIO
 import yaml
 
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
-from xds_server.loadgen import OK, OpenLoopLoad, Outcome
+from xds_server.loadgen import OK, OpenLoopLoad, Outcome, percentile
 from xds_server.simulator.config import SimulatorConfig
 from xds_server.simulator.process import RemoteSimulator, SimulatorProcess
 
@@ -84,26 +85,19 @@ def shares(outcomes: list[Outcome], servers: list[Server]) -> dict[str, float]:
     return {s.label: answered[s.sim.name] / total for s in servers}
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}s"
+def _seconds(value: float) -> str:
+    return f"{value:.2f}s" if math.isfinite(value) else "-"
 
 
 def p50_p95(latencies: list[float]) -> tuple[str, str]:
-    return _seconds(percentile(latencies, 0.5)), _seconds(percentile(latencies, 0.95))
+    ordered = sorted(latencies)
+    return _seconds(percentile(ordered, 50)), _seconds(percentile(ordered, 95))
 
 
 class WeightsDemo:
     """One run: owns its temp dir, simulators, control plane, Envoy and load."""
 
     def __init__(self, workdir: Path, duration: float, load: float, out: TextIO) -> None:
-        self.workdir = workdir
         self.duration = duration
         self.rate = load * FLEET_CAPACITY_RPS
         self.out = out
