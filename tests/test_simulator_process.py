@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+
 import aiohttp
 import pytest
 
-from xds_server.simulator.config import SimulatorConfig
+from xds_server.simulator.config import (
+    SimulatorConfig,
+    add_arguments,
+    config_from_args,
+    to_arguments,
+)
 from xds_server.simulator.process import SimulatorProcess
 
 
@@ -42,3 +49,14 @@ async def test_a_child_that_cannot_start_says_why() -> None:
         await _BrokenFlag(SimulatorConfig()).start()
     with pytest.raises(ValueError, match="count"):
         SimulatorProcess(SimulatorConfig(), count=0)
+
+
+def test_a_config_survives_the_command_line_round_trip() -> None:
+    """What a SimulatorProcess passes its child is parsed back to the same config."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for config in (
+        SimulatorConfig.profile("slow", max_num_seqs=3, time_scale=0.5, orca_rps=True),
+        SimulatorConfig.profile("fast", model="qwen", kv_cache_tokens=2048),
+    ):
+        assert config_from_args(parser.parse_args(to_arguments(config))) == config

@@ -130,6 +130,10 @@ def _check(name: str, kind: str, value: Any, meta: Mapping[str, Any]) -> None:
         raise ValueError(f"{name} must be {'>' if meta['strict'] else '>='} {low}, got {value!r}")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`--profile` and one flag per parameter; unset flags keep the profile's value."""
     parser.add_argument(
@@ -139,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hardware profile: fast (A100-like) or slow (half the speed, half the KV cache)",
     )
     for spec in fields(SimulatorConfig):
-        flag = "--" + spec.name.replace("_", "-")
+        flag = _flag(spec.name)
         by_profile = ", ".join(
             f"{profile}: {values[spec.name]}"
             for profile, values in PROFILES.items()
@@ -162,3 +166,14 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         if getattr(args, spec.name) is not None
     }
     return SimulatorConfig.profile(args.profile, **overrides)
+
+
+def to_arguments(config: SimulatorConfig) -> list[str]:
+    """The flags that `config_from_args` turns back into `config`: every parameter given."""
+    argv: list[str] = []
+    for name, value in config.as_dict().items():
+        if isinstance(value, bool):
+            argv += [_flag(name)] if value else []
+        else:
+            argv += [_flag(name), str(value)]
+    return argv

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from xds_server.lifecycle import StartStop
-from xds_server.simulator.config import SimulatorConfig
+from xds_server.simulator.config import SimulatorConfig, to_arguments
 
 _START_TIMEOUT_S = 20.0
 
@@ -73,14 +73,7 @@ class SimulatorProcess(StartStop):
 
     def _argv(self) -> list[str]:
         argv = [sys.executable, "-m", "xds_server.cli", "simulate", "--port", "0"]
-        argv += ["--count", str(self.count)]
-        for name, value in self.config.as_dict().items():
-            flag = "--" + name.replace("_", "-")
-            if isinstance(value, bool):
-                argv += [flag] if value else []
-            else:
-                argv += [flag, str(value)]
-        return argv
+        return [*argv, "--count", str(self.count), *to_arguments(self.config)]
 
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
