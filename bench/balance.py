@@ -51,6 +51,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.balance_load import LENGTHS, latency_summary
+from bench.balance_verdict import median_cells, ms, pct, runs_of, verdict_lines
 from xds_server.app import ControlPlane
 from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_server.loadgen import OK, Mix, Outcome, Request, percentile, poisson_schedule, send
@@ -485,16 +486,6 @@ def halved_after(
 # --------------------------------------------------------------------------- output
 
 
-def _ms(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "-"
-    return ">cut" if math.isinf(seconds) else f"{seconds * 1000:.0f}"
-
-
-def _pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.1f}"
-
-
 HEADER = (
     f"{'strategy':8} {'load':>5} {'offer':>6} {'done/s':>6} {'tok/s':>6} {'p50':>6} {'p95':>6} "
     f"{'p99':>6} {'ttft50':>6} {'ttft99':>6} {'err%':>5} {'sat%':>5} {'queue%':>6} "
@@ -505,10 +496,10 @@ HEADER = (
 def _row(name: str, c: dict[str, Any]) -> str:
     return (
         f"{name:8} {100 * c['load']:4.0f}% {c['offered_rps']:6.1f} {c['completed_rps']:6.1f} "
-        f"{c['output_tps']:6.0f} {_ms(c['p50']):>6} {_ms(c['p95']):>6} {_ms(c['p99']):>6} "
-        f"{_ms(c['ttft_p50']):>6} {_ms(c['ttft_p99']):>6} {_pct(c['error_rate']):>5} "
-        f"{_pct(c['saturated_share']):>5} {_pct(c['queued_share']):>6} "
-        f"{_ms(c['generator_lag_p99']):>5} {c['cpu_share']:4.2f}"
+        f"{c['output_tps']:6.0f} {ms(c['p50']):>6} {ms(c['p95']):>6} {ms(c['p99']):>6} "
+        f"{ms(c['ttft_p50']):>6} {ms(c['ttft_p99']):>6} {pct(c['error_rate']):>5} "
+        f"{pct(c['saturated_share']):>5} {pct(c['queued_share']):>6} "
+        f"{ms(c['generator_lag_p99']):>5} {c['cpu_share']:4.2f}"
     )
 
 
@@ -516,58 +507,9 @@ def _adapt_row(name: str, a: dict[str, Any]) -> str:
     halved = "never" if a["halved_after_s"] is None else f"{a['halved_after_s']:.2f} s"
     return (
         f"{name:8} adaptation: {a['victim']} x{a['slowdown']:g} at {100 * a['load']:.0f}%: share "
-        f"{_pct(a['share_before'])}% -> {_pct(a['share_end'])}%, halved after {halved}, "
-        f"p99 after {_ms(a['p99_after'])} ms"
+        f"{pct(a['share_before'])}% -> {pct(a['share_end'])}%, halved after {halved}, "
+        f"p99 after {ms(a['p99_after'])} ms"
     )
-
-
-def verdicts(results: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, checked for each of our strategies against every other one."""
-    by_name = {r["strategy"]["name"]: {c["load"]: c for c in r["cells"]} for r in results}
-    others = {n: cells for n, cells in by_name.items() if not n.startswith("orca-")}
-    lines = []
-    for ours in ("orca-rr", "orca-lr"):
-        cells = by_name.get(ours, {})
-        at90, at110 = cells.get(0.9), cells.get(1.1)
-        if at90 is not None:
-            rr = others.get("rr", {}).get(0.9)
-            if rr is not None:
-                verdict = _at_most(at90["p99"], 0.7 * rr["p99"])
-                lines.append(
-                    f"{ours}: p99 at 90% >= 30% below rr: {verdict} "
-                    f"({_ms(at90['p99'])} vs {_ms(rr['p99'])} ms)"
-                )
-            for name in ("lr", "cswrr"):
-                other = others.get(name, {}).get(0.9)
-                if other is not None:
-                    lines.append(
-                        f"{ours}: p99 at 90% no worse than {name}: "
-                        f"{_at_most(at90['p99'], other['p99'])} "
-                        f"({_ms(at90['p99'])} vs {_ms(other['p99'])} ms)"
-                    )
-            lines.append(_fewer(ours, "requests on saturated servers at 90%", at90, 0.9, others))
-        if at110 is not None:
-            lines.append(_fewer(ours, "errors at 110%", at110, 1.1, others))
-    return [line for line in lines if line]
-
-
-def _fewer(ours: str, what: str, cell: dict, load: float, others: dict[str, dict]) -> str:
-    """MET: strictly fewer than every other strategy; TIED: none had fewer, one as few."""
-    key = "saturated_share" if "saturated" in what else "error_rate"
-    rivals = [cells[load][key] for cells in others.values() if load in cells]
-    if not rivals:
-        return ""
-    mine = cell[key]
-    verdict = "MET" if all(mine < r for r in rivals) else "TIED" if mine <= min(rivals) else None
-    listed = ", ".join(_pct(r) + "%" for r in rivals)
-    return f"{ours}: fewer {what} than all: {verdict or 'NOT MET'} ({_pct(mine)}% vs {listed})"
-
-
-def _at_most(mine: float, bound: float) -> str:
-    """A latency target: an unanswered percentile (inf) meets none, even against another."""
-    if math.isinf(mine):
-        return "TIED (both over the cut-off)" if math.isinf(bound) else "NOT MET"
-    return "MET" if mine <= bound else "NOT MET"
 
 
 # --------------------------------------------------------------------------- main
@@ -601,12 +543,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--orca", action="append", default=[], metavar="KEY=VALUE", help="the pool's orca: params"
     )
     parser.add_argument("--lrs-interval", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="of the first run's schedules")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of every strategy (seeds seed, seed+1, ...)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plots", dest="plots", action="store_false")
     args = parser.parse_args(argv)
     if args.quick:
         args.loads, args.measure, args.adapt_after = "0.7,1.1", 6.0, 10.0
+    if args.repeats < 1:
+        parser.error(f"--repeats must be 1 or more, not {args.repeats}")
     unknown = set(args.strategies.split(",")) - set(STRATEGIES)
     if unknown:
         parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
@@ -688,10 +635,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         print(HEADER, flush=True)
         results = []
         with tempfile.TemporaryDirectory(prefix="bench-balance-") as tmp:
-            for name in args.strategies.split(","):
-                bench = Bench(servers, admissions, capacity["rps"], plan, mix, args.seed)
-                results.append(await run_strategy(STRATEGIES[name], bench, Path(tmp)))
-                admissions.clear()
+            for run in range(args.repeats):  # interleaved: drift touches every strategy alike
+                seed = args.seed + run
+                for name in args.strategies.split(","):
+                    bench = Bench(servers, admissions, capacity["rps"], plan, mix, seed)
+                    folder = Path(tmp) / f"run-{run}"
+                    folder.mkdir(exist_ok=True)
+                    result = await run_strategy(STRATEGIES[name], bench, folder)
+                    results.append(result | {"run": run, "seed": seed})
+                    admissions.clear()
     finally:
         for server in servers:
             await server.stop()
@@ -710,7 +662,13 @@ def report(out: dict[str, Any]) -> str:
         for r in out["results"]
         if "adaptation" in r
     ]
-    lines += verdicts(out["results"])
+    runs = runs_of(out["results"])
+    if len(runs) > 1:
+        lines += ["", f"median of {len(runs)} runs (seeds from {out['results'][0]['seed']} on)"]
+        lines.append(HEADER)
+        for name, cells in median_cells(runs).items():
+            lines += [_row(name, cell) for cell in cells.values()]
+    lines += verdict_lines(runs)
     before, after = out["load_average_before"][0], out["load_average_after"][0]
     lines.append(
         f"capacity {out['capacity']['rps']:.1f} req/s; {out['seconds']:.0f} s; "

@@ -1,5 +1,6 @@
-"""PNG plots of a `balance.py` run: latency against offered load, and the adaptation run's
-share of arrivals per server over time. Needs matplotlib (the optional `bench` extra)."""
+"""PNG plots of a `balance.py` run: latency against offered load (the medians, when the
+strategies ran more than once), and the first run's adaptation: share of arrivals per server
+over time. Needs matplotlib (the optional `bench` extra)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from bench.balance_verdict import median_cells, runs_of
+
 
 def _seconds(value: float, cap: float) -> float:
     """Unanswered (inf) percentiles drawn at the cut-off, so the line shows them as a wall."""
@@ -20,7 +23,7 @@ def _seconds(value: float, cap: float) -> float:
 
 def plot(out: dict[str, Any], folder: Path) -> list[Path]:
     written = [_latency(out, folder / "balance_latency.png")]
-    if any("adaptation" in r for r in out["results"]):
+    if any("adaptation" in r for r in _first_run(out)):
         written.append(_adaptation(out, folder / "balance_adaptation.png"))
     return written
 
@@ -28,10 +31,9 @@ def plot(out: dict[str, Any], folder: Path) -> list[Path]:
 def _latency(out: dict[str, Any], path: Path) -> Path:
     cap = out["plan"]["measure"] + out["plan"]["grace"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharex=True)
-    for result in out["results"]:
-        cells = result["cells"]
+    for name, by_load in median_cells(runs_of(out["results"])).items():
+        cells = list(by_load.values())
         loads = [100 * c["load"] for c in cells]
-        name = result["strategy"]["name"]
         for ax, key in zip(axes, ("p50", "p99", "ttft_p99"), strict=True):
             ax.plot(loads, [_seconds(c[key], cap) for c in cells], marker="o", label=name)
     for ax, title in zip(axes, ("p50 latency", "p99 latency", "p99 TTFT (streaming)"), strict=True):
@@ -50,7 +52,7 @@ def _latency(out: dict[str, Any], path: Path) -> Path:
 
 
 def _adaptation(out: dict[str, Any], path: Path) -> Path:
-    runs = [r for r in out["results"] if "adaptation" in r]
+    runs = [r for r in _first_run(out) if "adaptation" in r]
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.8), sharey=True)
     for ax, result in zip([axes] if len(runs) == 1 else axes, runs, strict=True):
         adaptation = result["adaptation"]
@@ -72,3 +74,7 @@ def _adaptation(out: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _first_run(out: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in out["results"] if r.get("run", 0) == 0]

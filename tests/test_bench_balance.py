@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import balance
+from bench import balance, balance_verdict
 from bench.balance_load import latency_summary
 from xds_server.loadgen import ERROR, OK, Mix, Outcome, Request, percentile, poisson_schedule
 from xds_server.model import CSWRR, parse_config
@@ -111,10 +111,11 @@ def cell(load: float, p99: float, saturated: float, errors: float) -> dict:
     return {"load": load, "p99": p99, "saturated_share": saturated, "error_rate": errors}
 
 
-def test_verdicts_compare_ours_with_every_other_strategy() -> None:
-    def result(name: str, *cells: dict) -> dict:
-        return {"strategy": {"name": name}, "cells": list(cells)}
+def result(name: str, *cells: dict, run: int = 0) -> dict:
+    return {"strategy": {"name": name}, "cells": list(cells), "run": run}
 
+
+def test_verdicts_compare_ours_with_every_other_strategy() -> None:
     results = [
         result("rr", cell(0.9, 10.0, 0.20, 0.0), cell(1.1, 30.0, 0.5, 0.10)),
         result("lr", cell(0.9, 5.0, 0.05, 0.0), cell(1.1, 20.0, 0.3, 0.02)),
@@ -122,7 +123,7 @@ def test_verdicts_compare_ours_with_every_other_strategy() -> None:
         result("orca-rr", cell(0.9, 6.0, 0.01, 0.0), cell(1.1, 25.0, 0.1, 0.02)),
         result("orca-lr", cell(0.9, math.inf, 0.01, 0.0)),
     ]
-    lines = balance.verdicts(results)
+    lines = balance_verdict.verdict_lines(balance_verdict.runs_of(results))
     assert lines == [
         "orca-rr: p99 at 90% >= 30% below rr: MET (6000 vs 10000 ms)",
         "orca-rr: p99 at 90% no worse than lr: NOT MET (6000 vs 5000 ms)",
@@ -136,6 +137,36 @@ def test_verdicts_compare_ours_with_every_other_strategy() -> None:
         "orca-lr: p99 at 90% no worse than cswrr: TIED (both over the cut-off) (>cut vs >cut ms)",
         "orca-lr: fewer requests on saturated servers at 90% than all: MET "
         "(1.0% vs 20.0%, 5.0%, 5.0%)",
+    ]
+
+
+def test_medians_over_runs_keep_the_spread_and_rank_unanswered_last() -> None:
+    runs = balance_verdict.runs_of(
+        [
+            result("rr", cell(0.9, 4.0, 0.1, 0.0), run=0),
+            result("rr", cell(0.9, math.inf, 0.3, math.nan), run=1),
+            result("rr", cell(0.9, 2.0, 0.2, 0.02), run=2),
+        ]
+    )
+    (median,) = balance_verdict.median_cells(runs)["rr"].values()
+    assert median["runs"] == 3
+    assert median["p99"] == 4.0 and median["p99_range"] == (2.0, math.inf)
+    assert median["saturated_share"] == 0.2 and median["saturated_share_range"] == (0.1, 0.3)
+    assert median["error_rate"] == 0.01  # NaN (nothing measured) left out: median of two
+    assert math.isnan(median["completed_rps"]) and "completed_rps_range" not in median
+
+
+def test_verdicts_over_runs_are_on_medians_and_count_the_runs_that_met_them() -> None:
+    results = []
+    for run, (rr_p99, ours_p99) in enumerate(((10.0, 6.0), (10.0, 8.0), (9.0, 6.0))):
+        results.append(result("rr", cell(0.9, rr_p99, 0.2, 0.0), run=run))
+        results.append(result("orca-rr", cell(0.9, ours_p99, 0.1, 0.0), run=run))
+    lines = balance_verdict.verdict_lines(balance_verdict.runs_of(results))
+    assert lines == [
+        "orca-rr: p99 at 90% >= 30% below rr: MET (6000 vs 10000 ms) on medians; met in 2 of 3 "
+        "runs",
+        "orca-rr: fewer requests on saturated servers at 90% than all: MET (10.0% vs 20.0%) "
+        "on medians; met in 3 of 3 runs",
     ]
 
 

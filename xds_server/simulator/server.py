@@ -171,24 +171,27 @@ class ModelServer(StartStop):
             }
         )
         await response.prepare(request)
-        reply = api.start(self._config.model)
-        sent = 0
-        while not (seq.done.is_set() and sent == seq.generated):
-            await seq.progress.wait()
-            seq.progress.clear()
-            if seq.generated > sent:
-                last = seq.done.is_set() and seq.error is None
-                text = output_text(sent, seq.generated)
-                await response.write(reply.chunk(text, sent == 0, "length" if last else None))
-                sent = seq.generated
-        if seq.error is not None:
-            await response.write(sse_error(seq.error.status, seq.error.message))
-        else:
-            self._metrics.observe(seq)
-            if gen.include_usage:
-                await response.write(reply.usage_chunk(gen.prompt_tokens, seq.generated))
-        await response.write(SSE_DONE)
-        await response.write_eof()
+        try:
+            reply = api.start(self._config.model)
+            sent = 0
+            while not (seq.done.is_set() and sent == seq.generated):
+                await seq.progress.wait()
+                seq.progress.clear()
+                if seq.generated > sent:
+                    last = seq.done.is_set() and seq.error is None
+                    text = output_text(sent, seq.generated)
+                    await response.write(reply.chunk(text, sent == 0, "length" if last else None))
+                    sent = seq.generated
+            if seq.error is not None:
+                await response.write(sse_error(seq.error.status, seq.error.message))
+            else:
+                self._metrics.observe(seq)
+                if gen.include_usage:
+                    await response.write(reply.usage_chunk(gen.prompt_tokens, seq.generated))
+            await response.write(SSE_DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client left mid-stream: the caller's `finally` frees its sequence
         return response
 
     def _orca(self, requested: str | None) -> dict[str, str]:
