@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+import cli
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -671,28 +672,24 @@ def _pair(ours: dict[str, Any], raw: dict[str, Any], phase: str, key: str) -> tu
     return ours[phase][key], raw[phase][key]
 
 
+#: The copies of itself the benchmark starts: the control plane under test, and the raw baseline.
+ROLES: dict[str, cli.Role] = {
+    "server": lambda args: run_server(args.pools, args.endpoints),
+    "raw": lambda args: run_raw(args.capture),
+}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, ROLES)
     parser.add_argument("--clients", type=int, default=1000, help="ADS streams (default 1000)")
     parser.add_argument("--pools", type=int, default=100, help="clusters (default 100)")
     parser.add_argument("--endpoints", type=int, default=20, help="per pool (default 20)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per edit (median)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument(
-        "--role", choices=("bench", "server", "raw"), default="bench", help=argparse.SUPPRESS
-    )
     parser.add_argument("--capture", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.role == "server":
-        asyncio.run(run_server(args.pools, args.endpoints))
-        return
-    if args.role == "raw":
-        asyncio.run(run_raw(args.capture))
-        return
-    out = asyncio.run(run_bench(args))
-    print(report(out))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    if not cli.played_role(args, ROLES):
+        out = asyncio.run(run_bench(args))
+        cli.publish(report(out), out, args.json)
 
 
 if __name__ == "__main__":

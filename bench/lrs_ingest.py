@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import cli
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -472,8 +473,15 @@ def report_table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The copies of itself the benchmark starts: the LRS service under test, and the raw baseline.
+ROLES: dict[str, cli.Role] = {
+    "ours": lambda args: run_ours(args.pools, args.endpoints, args.slice_stats),
+    "raw": lambda args: run_raw(args.pools),
+}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, ROLES)
     parser.add_argument("--streams", type=int, default=40, help="reporter streams (default 40)")
     parser.add_argument("--pools", type=int, default=100, help="clusters (default 100)")
     parser.add_argument("--endpoints", type=int, default=20, help="per cluster (default 20)")
@@ -486,22 +494,10 @@ def main() -> None:
         default=SLICE_STATS,
         help=f"endpoint stats merged between yields to the loop (default {SLICE_STATS})",
     )
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument(
-        "--role", choices=("bench", "ours", "raw"), default="bench", help=argparse.SUPPRESS
-    )
     args = parser.parse_args()
-    servers = {
-        "ours": lambda: run_ours(args.pools, args.endpoints, args.slice_stats),
-        "raw": lambda: run_raw(args.pools),
-    }
-    if args.role in servers:
-        asyncio.run(servers[args.role]())
-        return
-    out = asyncio.run(run_bench(args))
-    print(report_table(out))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    if not cli.played_role(args, ROLES):
+        out = asyncio.run(run_bench(args))
+        cli.publish(report_table(out), out, args.json)
 
 
 if __name__ == "__main__":

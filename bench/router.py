@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import cli
 import yaml
 
 from xds_server.bootstrap import envoy_bootstrap
@@ -283,8 +284,12 @@ def report(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The copy of itself the benchmark starts: the upstream, in a process of its own.
+ROLES: dict[str, cli.Role] = {"upstream": lambda args: run_upstream(args.port)}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__, ROLES)
     parser.add_argument("--body-bytes", type=int, default=1024, help="request body (default 1024)")
     parser.add_argument("--requests", type=int, default=2000, help="per listener, sequential")
     parser.add_argument("--warmup", type=int, default=200, help="sequential requests not counted")
@@ -292,19 +297,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="per throughput phase")
     parser.add_argument("--rounds", type=int, default=2, help="direct/routed phase pairs")
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument(
-        "--role", choices=("bench", "upstream"), default="bench", help=argparse.SUPPRESS
-    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.role == "upstream":
-        asyncio.run(run_upstream(args.port))
-        return
-    out = asyncio.run(run(args))
-    print(report(out))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+    if not cli.played_role(args, ROLES):
+        out = asyncio.run(run(args))
+        cli.publish(report(out), out, args.json)
 
 
 if __name__ == "__main__":

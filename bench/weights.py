@@ -21,7 +21,6 @@ errors, 2 % of reports are missing and 1 % of endpoints are new (blackout).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -29,8 +28,9 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
+
+import cli
 
 from lrs.headroom import HeadroomPolicy
 from lrs.params import Params
@@ -212,13 +212,12 @@ def run(pools: int, size: int, repeat: int, warmup: int, seed: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--pools", type=int, default=500, help="pools (default 500)")
     parser.add_argument("--endpoints", type=int, default=20, help="endpoints per pool (20)")
     parser.add_argument("--repeat", type=int, default=50, help="timed rounds (default 50)")
     parser.add_argument("--warmup", type=int, default=15, help="untimed rounds first (15)")
     parser.add_argument("--seed", type=int, default=1, help="random seed for the signals")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     figures = run(args.pools, args.endpoints, args.repeat, args.warmup, args.seed)
     print(
