@@ -648,6 +648,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for server in servers:
             await server.stop()
     out["results"] = results
+    if args.repeats > 1:
+        medians = median_cells(runs_of(results))
+        out["medians"] = {name: list(cells.values()) for name, cells in medians.items()}
     out["seconds"] = time.monotonic() - started
     out["load_average_after"] = os.getloadavg()
     return out

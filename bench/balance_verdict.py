@@ -82,7 +82,9 @@ def median_cells(runs: list[Cells]) -> Cells:
             cells = [run[name][load] for run in runs if load in run.get(name, {})]
             cell: dict[str, Any] = {"load": load, "runs": len(cells)}
             for key in FIGURES:
-                values = sorted(v for c in cells if not math.isnan(v := c.get(key, math.nan)))
+                values = sorted(
+                    v for c in cells if not math.isnan(v := float(c.get(key, math.nan)))
+                )
                 cell[key] = statistics.median(values) if values else math.nan
                 if key in SPREAD:
                     cell[f"{key}_range"] = (values[0], values[-1]) if values else None
