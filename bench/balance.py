@@ -25,6 +25,8 @@ measured, and after the load cells an adaptation run slows one fast server down 
     .venv/bin/python bench/balance.py            # ~8.5 minutes on 2 cores
     .venv/bin/python bench/balance.py --quick    # ~5 minutes: loads 70/110 %, shorter cells
     .venv/bin/python bench/balance.py --strategies rr,orca-rr --loads 0.9 --no-adapt
+    .venv/bin/python bench/balance.py --loads 0.7,0.9,1.1 --no-adapt --repeats 3  # ~15 min:
+        # every strategy three times, interleaved; the verdicts on the medians
 """
 
 from __future__ import annotations
