@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -500,9 +501,18 @@ def test_simulate_help_lists_every_parameter():
         assert flag in result.stdout
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 async def test_simulate_serves_count_servers_until_sigterm():
     port = free_port()
-    while free_port() == port + 1:  # port + 1 must be free too; a retry is rare
+    while not _bindable(port + 1):  # the second server takes port + 1; a retry is rare
         port = free_port()
     args = ["simulate", "--port", str(port), "--count", "2", "--profile", "slow", "--model", "cli"]
     proc = await asyncio.create_subprocess_exec(

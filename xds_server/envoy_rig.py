@@ -8,6 +8,7 @@ reverse order, whatever happened in between.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,12 +19,42 @@ from xds_server.bootstrap import envoy_bootstrap
 from xds_server.envoy_process import EnvoyProcess
 from xds_server.lifecycle import StartStop
 
+#: Ports free_port has handed out in this process: each goes to one caller only.
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now (for Envoy's listeners and admin)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nobody listens on right now, for a listener bound later (Envoy's
+    listeners and admin port).
+
+    Between this call and that bind the port is free, so two things can take it first: a
+    second caller of this function (the kernel may return a port it just returned), and a
+    server binding port 0 (the plane, an upstream). So a port is never handed out twice in
+    one process, and it is taken below the kernel's ephemeral range, which binding port 0
+    never picks from.
+    """
+    low = _ephemeral_low()
+    below = range(low - 10_000, low) if low > 11_024 else None
+    for _ in range(200):
+        wanted = random.choice(below) if below else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", wanted))
+            except OSError:  # in use: try another
+                continue
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free loopback port in 200 tries")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for a bind to port 0 (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def one_pool_snapshot(
@@ -75,9 +106,21 @@ class PlaneWithEnvoy(StartStop):
             await self.envoy.start()
             await self.envoy.wait_ready()
             await self.plane.converge(self.node_id, 0)
+            rejected = self.rejections()
+            if rejected:  # converged counts a NACK as an answer; a first config must be taken
+                raise RuntimeError(f"Envoy rejected its first config: {'; '.join(rejected)}")
         except BaseException:
             await self.stop()
             raise
+
+    def rejections(self) -> list[str]:
+        """Each resource type the Envoy NACKed, with its error (e.g. a listener port in use)."""
+        return [
+            f"{url}: {status.last_nack.message}"
+            for client in self.plane.registry.by_node(self.node_id)
+            for url, status in client.types.items()
+            if status.last_nack is not None
+        ]
 
     async def stop(self) -> None:
         if self.envoy is not None:
