@@ -639,10 +639,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="bench-balance-") as tmp:
             for run in range(args.repeats):  # interleaved: drift touches every strategy alike
                 seed = args.seed + run
+                folder = Path(tmp) / f"run-{run}"
+                folder.mkdir()
                 for name in args.strategies.split(","):
                     bench = Bench(servers, admissions, capacity["rps"], plan, mix, seed)
-                    folder = Path(tmp) / f"run-{run}"
-                    folder.mkdir(exist_ok=True)
                     result = await run_strategy(STRATEGIES[name], bench, folder)
                     results.append(result | {"run": run, "seed": seed})
                     admissions.clear()

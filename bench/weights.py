@@ -22,7 +22,6 @@ errors, 2 % of reports are missing and 1 % of endpoints are new (blackout).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import statistics
@@ -211,6 +210,35 @@ def run(pools: int, size: int, repeat: int, warmup: int, seed: int) -> dict[str,
     }
 
 
+def report(figures: dict[str, Any], pools: int, per_pool: int) -> str:
+    lines: list[str] = []
+    lines.append(
+        f"full recompute, {figures['endpoints']:,} endpoints "
+        f"({pools} pools x {per_pool}), {figures['rounds']} rounds:"
+    )
+    lines.append(f"  median {figures['median_ms']:.2f} ms   p99 {figures['p99_ms']:.2f} ms")
+    lines.append(f"  min {figures['min_ms']:.2f} ms   max {figures['max_ms']:.2f} ms")
+    lines.append(
+        f"  process CPU: median {figures['cpu_median_ms']:.2f} ms   "
+        f"p99 {figures['cpu_p99_ms']:.2f} ms   (1-min load average {figures['load_average']:.2f})"
+    )
+    lines.append(f"  {figures['us_per_endpoint']:.2f} us per endpoint")
+    lines.append(
+        f"  full garbage collections within the timed rounds: {figures['full_collections']}"
+    )
+    lines.append(
+        f"quiet tick ({QUIET_TICK:g} s later, no new report): "
+        f"median {figures['quiet_median_ms']:.2f} ms   p99 {figures['quiet_p99_ms']:.2f} ms   "
+        f"({figures['quiet_median_ms'] / figures['median_ms']:.0%} of a full recompute; "
+        f"{figures['quiet_reused_share']:.0%} of the answers given back unchanged)"
+    )
+    states = ", ".join(f"{k} {v:.0f}" for k, v in figures["states_per_round"].items())
+    lines.append(f"  endpoint states per round: {states}")
+    verdict = "met" if figures["median_ms"] < TARGET_MS else "NOT met"
+    lines.append(f"  target: median under {TARGET_MS:.0f} ms: {verdict}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(__doc__)
     parser.add_argument("--pools", type=int, default=500, help="pools (default 500)")
@@ -220,30 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="random seed for the signals")
     args = parser.parse_args(argv)
     figures = run(args.pools, args.endpoints, args.repeat, args.warmup, args.seed)
-    print(
-        f"full recompute, {figures['endpoints']:,} endpoints "
-        f"({args.pools} pools x {args.endpoints}), {args.repeat} rounds:"
-    )
-    print(f"  median {figures['median_ms']:.2f} ms   p99 {figures['p99_ms']:.2f} ms")
-    print(f"  min {figures['min_ms']:.2f} ms   max {figures['max_ms']:.2f} ms")
-    print(
-        f"  process CPU: median {figures['cpu_median_ms']:.2f} ms   "
-        f"p99 {figures['cpu_p99_ms']:.2f} ms   (1-min load average {figures['load_average']:.2f})"
-    )
-    print(f"  {figures['us_per_endpoint']:.2f} us per endpoint")
-    print(f"  full garbage collections within the timed rounds: {figures['full_collections']}")
-    print(
-        f"quiet tick ({QUIET_TICK:g} s later, no new report): "
-        f"median {figures['quiet_median_ms']:.2f} ms   p99 {figures['quiet_p99_ms']:.2f} ms   "
-        f"({figures['quiet_median_ms'] / figures['median_ms']:.0%} of a full recompute; "
-        f"{figures['quiet_reused_share']:.0%} of the answers given back unchanged)"
-    )
-    states = ", ".join(f"{k} {v:.0f}" for k, v in figures["states_per_round"].items())
-    print(f"  endpoint states per round: {states}")
-    verdict = "met" if figures["median_ms"] < TARGET_MS else "NOT met"
-    print(f"  target: median under {TARGET_MS:.0f} ms: {verdict}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    cli.publish(report(figures, args.pools, args.endpoints), figures, args.json)
     return 0
 
 
