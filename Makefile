@@ -13,15 +13,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check xds_server lrs tests bench
+	$(BIN)/ruff check xds_server lrs xds_lab tests bench
 	$(BIN)/pytest -q
 
 demo: $(STAMP)
-	$(BIN)/xds-server demo
+	$(BIN)/xds-lab demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check xds_server lrs tests bench
-	$(BIN)/ruff format --check xds_server lrs tests bench
+	$(BIN)/ruff check xds_server lrs xds_lab tests bench
+	$(BIN)/ruff format --check xds_server lrs xds_lab tests bench
 
 bench-fanout: $(STAMP)
 	$(BIN)/python bench/fanout.py

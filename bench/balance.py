@@ -54,13 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.balance_load import LENGTHS, latency_summary
 from bench.balance_verdict import median_cells, ms, pct, runs_of, verdict_lines
+from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
+from xds_lab.loadgen import OK, Mix, Outcome, Request, percentile, poisson_schedule, send
+from xds_lab.simulator.model_server import ModelServer
+from xds_lab.simulator.openai import Api
+from xds_lab.simulator.options import SimulatorConfig
 from xds_server.app import ControlPlane
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
-from xds_server.loadgen import OK, Mix, Outcome, Request, percentile, poisson_schedule, send
-from xds_server.model import CSWRR
-from xds_server.simulator.config import SimulatorConfig
-from xds_server.simulator.openai import Api
-from xds_server.simulator.server import ModelServer
+from xds_server.config.types import CSWRR
 
 POOL = "llama"
 MODEL = "llama-3-8b"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from xds_server.loadgen import OK, Outcome, RequestMix, percentile
+from xds_lab.loadgen import OK, Outcome, RequestMix, percentile
 
 #: Lengths for the benchmark's small simulated servers: short answers (the servers are slow
 #: per token) and prompts that fit the slow profile's small KV cache with room to spare.

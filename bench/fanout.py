@@ -40,12 +40,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from xds_server import typeurls
-from xds_server.cache import SnapshotCache
-from xds_server.clients import ClientRegistry
-from xds_server.model import Pool, parse_config
-from xds_server.resources import build_all, cluster_load_assignment
-from xds_server.server import SERVER_OPTIONS, DiscoveryServices, start_grpc_server
+from xds_server.config.reader import parse_config
+from xds_server.config.types import Pool
+from xds_server.grpc_server import SERVER_OPTIONS, start_grpc_server
+from xds_server.resources.build import build_all, cluster_load_assignment
+from xds_server.xds import typeurls
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.clients import ClientRegistry
+from xds_server.xds.services import DiscoveryServices
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 ADS_METHOD = f"/{ADS_SERVICE}/StreamAggregatedResources"

@@ -43,11 +43,12 @@ from fanout import (
     pool_name,
 )
 
-from lrs.service import METHOD, SERVICE, LoadReportingService
-from lrs.store import SLICE_STATS, LoadStore
+from lrs.load_reporting_service import METHOD, SERVICE, LoadReportingService
+from lrs.load_store import SLICE_STATS, LoadStore
 from lrs.wire import TrimmedReport
-from xds_server import typeurls
-from xds_server.server import SERVER_OPTIONS, DiscoveryServices, start_grpc_server
+from xds_server.grpc_server import SERVER_OPTIONS, start_grpc_server
+from xds_server.xds import typeurls
+from xds_server.xds.services import DiscoveryServices
 
 STREAM_METHOD = f"/{SERVICE}/{METHOD}"
 ZONES = ("zone-a", "zone-b")

@@ -39,11 +39,11 @@ import aiohttp
 import cli
 import yaml
 
+from xds_lab.envoy_process import EnvoyProcess
+from xds_lab.envoy_rig import free_port
+from xds_lab.upstream import Upstream
 from xds_server.bootstrap import envoy_bootstrap
-from xds_server.envoy_process import EnvoyProcess
-from xds_server.envoy_rig import free_port
-from xds_server.model import MODEL_HEADER
-from xds_server.upstream import Upstream
+from xds_server.config.types import MODEL_HEADER
 
 MODEL = "llama-3-8b"
 NODE = "bench-router"

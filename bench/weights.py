@@ -31,9 +31,9 @@ from typing import Any
 
 import cli
 
-from lrs.headroom import HeadroomPolicy
-from lrs.params import Params
-from lrs.signals import EndpointInput, EndpointLoad, PoolWeights
+from lrs.weights.headroom import HeadroomPolicy
+from lrs.weights.params import Params
+from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
 
 TARGET_MS = 20.0
 ZONES = ("zone-a", "zone-b", "zone-c")

@@ -1,7 +1,10 @@
-"""Load reporting: Envoy's LRS streams in, merged per-endpoint load signals out, weights computed.
+"""The load loop: Envoy's LRS reports in, per-endpoint load signals and weights out.
 
-Layout: `service` (the gRPC LoadReportingService), `wire` (the trimmed message classes
-reports are parsed as), `pacing` (the reporting interval that follows ingest CPU), `store`
-(windows per cluster / locality / endpoint, merged across reporters), `signals` (the types
-the store hands to policies), `policy` (turning signals into endpoint and locality weights).
+`load_reporting_service` (the gRPC LoadReportingService), `wire` (the trimmed message
+classes reports are parsed as), `pacing` (the reporting interval that follows ingest CPU),
+`load_store` (windows per cluster / locality / endpoint, merged across reporters) and
+`weights/` (signals, parameters, the policy interface, the headroom policy and the engine
+that runs policies and hands weights to whoever publishes them).
+
+Imports nothing from `xds_server`: the host hands in what the loop needs.
 """

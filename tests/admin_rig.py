@@ -16,8 +16,8 @@ import yaml
 from envoy.service.load_stats.v3 import lrs_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from xds_lab.envoy_rig import local_settings, one_pool_snapshot
 from xds_server.app import ControlPlane, Settings
-from xds_server.envoy_rig import local_settings, one_pool_snapshot
 
 TOKEN = "test-token-0123456789"
 KV = "named_metrics.kv_cache_usage_perc"

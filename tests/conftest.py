@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from xds_server.cache import SnapshotCache
-from xds_server.clients import ClientRegistry
-from xds_server.server import DiscoveryServices, start_grpc_server
+from xds_server.grpc_server import start_grpc_server
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.clients import ClientRegistry
+from xds_server.xds.services import DiscoveryServices
 
 
 class RunningServer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lrs.signals import EndpointInput, PoolWeights
+from lrs.weights import EndpointInput, PoolWeights
 
 
 class RequestShare:

@@ -9,8 +9,8 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
-from xds_server import typeurls
-from xds_server.cache import SnapshotCache
+from xds_server.xds import typeurls
+from xds_server.xds.cache import SnapshotCache
 
 
 def cluster(name: str, timeout_s: int = 1) -> cluster_pb2.Cluster:

@@ -21,7 +21,7 @@ from tests.admin_rig import (
 )
 from xds_server.admin.auth import TokenError, resolve_token
 from xds_server.app import ControlPlane
-from xds_server.overlay_state import StateFileError
+from xds_server.config.state_file import StateFileError
 
 PORTS = [9001, 9002, 9003]
 A, B, C = (f"127.0.0.1:{p}" for p in PORTS)

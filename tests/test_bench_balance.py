@@ -14,8 +14,9 @@ import pytest
 
 from bench import balance, balance_verdict
 from bench.balance_load import latency_summary
-from xds_server.loadgen import ERROR, OK, Mix, Outcome, Request, percentile, poisson_schedule
-from xds_server.model import CSWRR, parse_config
+from xds_lab.loadgen import ERROR, OK, Mix, Outcome, Request, percentile, poisson_schedule
+from xds_server.config.reader import parse_config
+from xds_server.config.types import CSWRR
 
 
 def test_poisson_schedule_has_the_rate_and_is_reproducible() -> None:

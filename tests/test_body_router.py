@@ -15,11 +15,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xds_server.body_router import SERVICE, BodyRouter, StandaloneRouter
-from xds_server.model import MODEL_HEADER, parse_config
-from xds_server.model_body import BAD_MODEL, INVALID_JSON, NOT_AN_OBJECT, BodyError, extract_model
-from xds_server.resources import LISTENER_METADATA
-from xds_server.server import start_grpc_server
+from xds_server.config.reader import parse_config
+from xds_server.config.types import MODEL_HEADER
+from xds_server.grpc_server import start_grpc_server
+from xds_server.resources.build import LISTENER_METADATA
+from xds_server.router.body import BAD_MODEL, INVALID_JSON, NOT_AN_OBJECT, BodyError, extract_model
+from xds_server.router.ext_proc import SERVICE, BodyRouter
+from xds_server.router.standalone import StandaloneRouter
 
 SNAPSHOT = """
 listeners:

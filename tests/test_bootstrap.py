@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from xds_lab.envoy_process import find_envoy
 from xds_server.bootstrap import envoy_bootstrap, render_yaml
-from xds_server.envoy_process import find_envoy
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent.parent / "envoy-bootstrap"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

@@ -11,25 +11,32 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from xds_server.envoy_rig import free_port
+from xds_lab.envoy_rig import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "xds_server.cli"]
+LAB = [sys.executable, "-m", "xds_lab.cli"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
+def run(*args: str, cli: list[str] = CLI) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("command", ["serve", "validate", "bootstrap", "demo"])
+@pytest.mark.parametrize("command", ["serve", "validate", "bootstrap", "body-router"])
 def test_every_command_has_help(command: str):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage: xds-server" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["demo", "simulate"])
+def test_every_lab_command_has_help(command: str):
+    result = run(command, "--help", cli=LAB)
+    assert result.returncode == 0 and "usage: xds-lab" in result.stdout
+
+
 @pytest.mark.parametrize("args", [("--load", "5"), ("--load", "0"), ("--duration", "1")])
 def test_demo_refuses_impossible_settings_before_starting_anything(args: tuple[str, str]):
-    result = run("demo", *args)
+    result = run("demo", *args, cli=LAB)
     assert result.returncode == 2 and "--load must be in" in result.stderr
 
 

@@ -9,10 +9,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xds_server import typeurls
-from xds_server.cache import SnapshotCache
-from xds_server.config_source import ConfigSource
-from xds_server.publisher import Publisher
+from xds_server.config.file_source import ConfigSource
+from xds_server.resources.publisher import Publisher
+from xds_server.xds import typeurls
+from xds_server.xds.cache import SnapshotCache
 
 VALID = {
     "listeners": [{"name": "l", "port": 10000, "routes": [{"prefix": "/", "pool": "p"}]}],

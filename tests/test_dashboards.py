@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lrs.signals import PoolWeights
-from lrs.store import LoadStore
+from lrs.load_store import LoadStore
+from lrs.weights.signals import PoolWeights
 from tests.admin_rig import (
     KV,
     TOKEN,
@@ -21,7 +21,7 @@ from tests.admin_rig import (
     write_doc,
 )
 from tests.xds_client import SotwClient, node
-from xds_server.typeurls import ENDPOINT
+from xds_server.xds.typeurls import ENDPOINT
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "xds-server.json"
 METRIC = re.compile(r"\bxds_[a-zA-Z0-9_]+")

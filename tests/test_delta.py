@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.protocol_fixtures import group, set_groups
 from tests.xds_client import DeltaClient, names_of, node
-from xds_server.typeurls import CLUSTER, ENDPOINT
+from xds_server.xds.typeurls import CLUSTER, ENDPOINT
 
 
 async def test_legacy_wildcard_then_ack_then_silence(xds):

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from xds_server.demo import run_demo
-from xds_server.weights_demo import run_weights_demo
+from xds_lab.edits_demo import run_demo
+from xds_lab.weights_demo import run_weights_demo
 
 pytestmark = pytest.mark.envoy
 

@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 import yaml
 
-from xds_server import typeurls
+from xds_lab.envoy_process import EnvoyProcess
+from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_lab.upstream import Upstream, start_upstreams
 from xds_server.app import ControlPlane
-from xds_server.envoy_process import EnvoyProcess
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
-from xds_server.upstream import Upstream, start_upstreams
+from xds_server.xds import typeurls
 
 pytestmark = pytest.mark.envoy
 

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from xds_server.envoy_process import EnvoyError, EnvoyNotFound, EnvoyProcess, find_envoy
-from xds_server.envoy_rig import free_port
-from xds_server.upstream import Upstream, start_upstreams
+from xds_lab.envoy_process import EnvoyError, EnvoyNotFound, EnvoyProcess, find_envoy
+from xds_lab.envoy_rig import free_port
+from xds_lab.upstream import Upstream, start_upstreams
 
 
 def address(port: int) -> dict[str, Any]:

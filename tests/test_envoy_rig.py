@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xds_server.envoy_rig import (
+from xds_lab.envoy_rig import (
     PlaneWithEnvoy,
     _ephemeral_low,
     free_port,

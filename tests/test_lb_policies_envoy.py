@@ -13,10 +13,10 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
-from xds_server.model import CSWRR
-from xds_server.simulator.config import SimulatorConfig
-from xds_server.simulator.server import ModelServer
+from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
+from xds_lab.simulator.model_server import ModelServer
+from xds_lab.simulator.options import SimulatorConfig
+from xds_server.config.types import CSWRR
 
 NODE = "envoy-cswrr"
 # Small batches so the slowed server queues within seconds; CS-WRR needs rps_fractional.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from xds_server.loadgen import ERROR, OK, Mix, OpenLoopLoad, Outcome, RequestMix
-from xds_server.simulator.config import SimulatorConfig
-from xds_server.simulator.server import ModelServer
+from xds_lab.loadgen import ERROR, OK, Mix, OpenLoopLoad, Outcome, RequestMix
+from xds_lab.simulator.model_server import ModelServer
+from xds_lab.simulator.options import SimulatorConfig
 
 
 def test_mix_is_seeded_and_clipped() -> None:

@@ -11,19 +11,20 @@ import grpc
 import pytest
 from envoy.service.load_stats.v3 import lrs_pb2
 
+from lrs.load_reporting_service import METHOD, REASK_AFTER, SERVICE, LoadReportingService
+from lrs.load_store import LoadStore
 from lrs.pacing import IntervalGovernor
-from lrs.service import METHOD, REASK_AFTER, SERVICE, LoadReportingService
-from lrs.store import LoadStore
 from tests.test_lrs_store import KV, endpoint, report
+from xds_lab.envoy_process import EnvoyProcess
+from xds_lab.envoy_rig import free_port
+from xds_lab.upstream import Upstream
 from xds_server.bootstrap import XDS_CLUSTER, envoy_bootstrap
-from xds_server.cache import SnapshotCache
-from xds_server.clients import ClientRegistry
-from xds_server.envoy_process import EnvoyProcess
-from xds_server.envoy_rig import free_port
-from xds_server.model import parse_config
-from xds_server.resources import build_all
-from xds_server.server import DiscoveryServices, start_grpc_server
-from xds_server.upstream import Upstream
+from xds_server.config.reader import parse_config
+from xds_server.grpc_server import start_grpc_server
+from xds_server.resources.build import build_all
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.clients import ClientRegistry
+from xds_server.xds.services import DiscoveryServices
 
 A = "127.0.0.1:9001"
 GROUPS = {"edge": ["pool-a", "pool-b"]}

@@ -13,8 +13,8 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lrs.signals import EndpointLoad
-from lrs.store import MAX_COUNT, LoadStore, endpoint_address, trimmed
+from lrs.load_store import MAX_COUNT, LoadStore, endpoint_address, trimmed
+from lrs.weights.signals import EndpointLoad
 from lrs.wire import TrimmedReport
 
 KV = "named_metrics.kv_cache_usage_perc"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lrs.signals import PoolWeights
-from lrs.store import LoadStore
+from lrs.load_store import LoadStore
+from lrs.weights.signals import PoolWeights
 from tests.admin_rig import (
     KV,
     TOKEN,
@@ -24,7 +24,7 @@ from tests.admin_rig import (
 )
 from tests.xds_client import DeltaClient, SotwClient, node
 from xds_server.app import ControlPlane
-from xds_server.typeurls import ENDPOINT
+from xds_server.xds.typeurls import ENDPOINT
 
 PORTS = [9001, 9002, 9003]
 A, B, C = (f"127.0.0.1:{p}" for p in PORTS)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xds_server.model import (
+from xds_server.config.reader import load_config, parse_config
+from xds_server.config.types import (
     Config,
     Endpoint,
     Listener,
@@ -17,8 +18,6 @@ from xds_server.model import (
     Problem,
     Route,
     SnapshotError,
-    load_config,
-    parse_config,
 )
 
 SNAPSHOTS = Path(__file__).resolve().parent.parent / "snapshots"

@@ -14,7 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xds_server.model import Config, SnapshotError, parse_config
+from xds_server.config.reader import parse_config
+from xds_server.config.types import Config, SnapshotError
 
 DEMO = yaml.safe_load(
     (Path(__file__).resolve().parent.parent / "snapshots" / "demo.yaml").read_text()

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xds_server.model import Config, Endpoint, parse_config
-from xds_server.overlay import Overlay, endpoint_key
-from xds_server.overlay_state import OverlayState, StateFileError, read_state, write_state
+from xds_server.config.overlay import Overlay, endpoint_key
+from xds_server.config.reader import parse_config
+from xds_server.config.state_file import OverlayState, StateFileError, read_state, write_state
+from xds_server.config.types import Config, Endpoint
 
 A, B, C = "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from lrs.signals import PoolWeights
-from xds_server import typeurls
-from xds_server.cache import SnapshotCache
-from xds_server.model import parse_config
-from xds_server.publisher import Publisher
-from xds_server.resources import cluster_load_assignment
+from lrs.weights.signals import PoolWeights
+from xds_server.config.reader import parse_config
+from xds_server.resources.build import cluster_load_assignment
+from xds_server.resources.publisher import Publisher
+from xds_server.xds import typeurls
+from xds_server.xds.cache import SnapshotCache
 
 DOC = """
 listeners:

@@ -15,9 +15,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf.message import Message
 
-from xds_server import typeurls
-from xds_server.model import Config, load_config, parse_config
-from xds_server.resources import build_all, build_group_resources
+from xds_server.config.reader import load_config, parse_config
+from xds_server.config.types import Config
+from xds_server.resources.build import build_all, build_group_resources
+from xds_server.xds import typeurls
 
 SNAPSHOTS = Path(__file__).resolve().parent.parent / "snapshots"
 

@@ -14,22 +14,15 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
-from xds_server import typeurls
-from xds_server.model import (
-    BodyRouterSettings,
-    Config,
-    Problem,
-    SnapshotError,
-    SplitTarget,
-    load_config,
-    parse_config,
-)
-from xds_server.resources import (
+from xds_server.config.reader import load_config, parse_config
+from xds_server.config.types import BodyRouterSettings, Config, Problem, SnapshotError, SplitTarget
+from xds_server.resources.build import (
     BODY_ROUTER_CLUSTER,
     DEFAULT_BODY_ROUTER,
     LISTENER_METADATA,
     build_all,
 )
+from xds_server.xds import typeurls
 
 SNAPSHOTS = Path(__file__).resolve().parent.parent / "snapshots"
 MODE = processing_mode_pb2.ProcessingMode

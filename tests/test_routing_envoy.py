@@ -24,11 +24,11 @@ import pytest
 import yaml
 from aiohttp import web
 
+from xds_lab.envoy_process import EnvoyProcess
+from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_lab.upstream import Upstream, start_upstreams
 from xds_server.app import ControlPlane
-from xds_server.body_router import StandaloneRouter
-from xds_server.envoy_process import EnvoyProcess
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings
-from xds_server.upstream import Upstream, start_upstreams
+from xds_server.router.standalone import StandaloneRouter
 
 pytestmark = pytest.mark.envoy
 

@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
 
-from xds_server.envoy_rig import free_port
-from xds_server.simulator.config import SimulatorConfig
-from xds_server.simulator.openai import CHAT, COMPLETIONS, BadRequest, GenerationRequest
-from xds_server.simulator.server import ModelServer
+from xds_lab.envoy_rig import free_port
+from xds_lab.simulator.model_server import ModelServer
+from xds_lab.simulator.openai import CHAT, COMPLETIONS, BadRequest, GenerationRequest
+from xds_lab.simulator.options import SimulatorConfig
 
-CLI = [sys.executable, "-m", "xds_server.cli"]
+CLI = [sys.executable, "-m", "xds_lab.cli"]
 ORCA_FIELDS = {"application_utilization", "rps_fractional", "cpu_utilization", "mem_utilization"}
 #: Quick steps for tests: 4 ms per decode step, plus 0.5 ms per running sequence.
 QUICK = {"decode_step_base_s": 0.004, "decode_step_per_seq_s": 0.0005}
@@ -496,7 +496,7 @@ def test_simulate_help_lists_every_parameter():
     result = subprocess.run(
         [*CLI, "simulate", "--help"], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0 and "usage: xds-server simulate" in result.stdout
+    assert result.returncode == 0 and "usage: xds-lab simulate" in result.stdout
     for flag in ("--profile", "--count", "--kv-cache-tokens", "--time-scale", "--orca-rps"):
         assert flag in result.stdout
 

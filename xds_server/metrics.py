@@ -24,14 +24,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lrs.engine import WeightEngine
-from lrs.service import LoadReportingService
-from xds_server import typeurls
-from xds_server.cache import SnapshotCache, Subscriber
-from xds_server.clients import Client, ClientRegistry, TypeStatus, sync_state
-from xds_server.config_source import ConfigSource
+from lrs.load_reporting_service import LoadReportingService
+from lrs.weights.engine import WeightEngine
+from xds_server.config.file_source import ConfigSource
+from xds_server.config.types import Pool
 from xds_server.fleet import FleetView
-from xds_server.model import Pool
+from xds_server.xds import typeurls
+from xds_server.xds.cache import SnapshotCache, Subscriber
+from xds_server.xds.clients import Client, ClientRegistry, TypeStatus, sync_state
 
 #: Push-to-ACK times run from ~1 ms (one Envoy, a small change) to seconds (a big fleet).
 CONVERGENCE_BUCKETS: Final = (

@@ -19,10 +19,10 @@ from xds_server.admin.http import Handler, json_errors, json_response
 from xds_server.admin.openapi import DOCUMENT
 from xds_server.admin.page import StatusPage
 from xds_server.admin.views import ReadViews
-from xds_server.cache import SnapshotCache
-from xds_server.clients import ClientRegistry
 from xds_server.fleet import FleetView
 from xds_server.metrics import Metrics
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.clients import ClientRegistry
 
 #: Request bodies are one endpoint: a few hundred bytes. Anything near this is not ours.
 MAX_BODY: Final = 64 * 1024

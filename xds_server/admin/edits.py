@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 from aiohttp import web
 
 from xds_server.admin.http import ApiError, json_response, read_json
-from xds_server.config_source import ConfigSource
+from xds_server.config.file_source import ConfigSource
+from xds_server.config.overlay import Overlay, endpoint_key
+from xds_server.config.reader import parse_endpoint
+from xds_server.config.state_file import OverlayState
+from xds_server.config.types import UINT32_MAX, Endpoint, Pool, SnapshotError
 from xds_server.fleet import FleetView
-from xds_server.model import UINT32_MAX, Endpoint, Pool, SnapshotError, parse_endpoint
-from xds_server.overlay import Overlay, endpoint_key
-from xds_server.overlay_state import OverlayState
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import json_format
 
-from xds_server import typeurls
 from xds_server.admin.http import ApiError, json_response
-from xds_server.cache import Resource, SnapshotCache
-from xds_server.clients import ClientRegistry
+from xds_server.config.types import Pool
 from xds_server.fleet import FleetView
-from xds_server.model import Pool
+from xds_server.xds import typeurls
+from xds_server.xds.cache import Resource, SnapshotCache
+from xds_server.xds.clients import ClientRegistry
 
 MESSAGE_TYPES = {
     typeurls.CLUSTER: cluster_pb2.Cluster,

@@ -1,0 +1,290 @@
+"""The LoadReportingService: Envoys stream load reports in, the store merges them.
+
+Protocol (envoy.service.load_stats.v3, as Envoy 1.40 speaks it): a stream's first
+LoadStatsRequest carries the node; we answer with the clusters of the node's group, the
+reporting interval and endpoint granularity, and from then on Envoy sends a report every
+interval. A config reload that changes a group's clusters re-sends the LoadStatsResponse
+on that group's open streams, which Envoy applies mid-stream.
+
+Every report repeats the node (~61 KB, ~500 extensions), so only a stream's first message
+is parsed as a full LoadStatsRequest; later ones are parsed as `lrs.wire.TrimmedReport`,
+which skips the node and everything else the store does not read.
+
+The event loop is shared with xDS, and one large report takes milliseconds to merge, so
+reports are merged in slices (`LoadStore.ingest_steps`) with the loop awaited in between:
+a stream opening during an LRS flood waits for a slice, not for a queue of reports.
+Ingest CPU (parse and merge, on the loop's thread) feeds an `IntervalGovernor`: when it
+exceeds `cpu_budget` of a core, every open stream is sent a LoadStatsResponse with a longer
+interval (Envoy applies it mid-stream), shortened again once the load falls; the store's
+window is scaled with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Final
+
+import grpc
+from envoy.service.load_stats.v3 import lrs_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
+
+from lrs.load_store import SLICE_STATS, LoadStore, Report
+from lrs.pacing import IntervalGovernor
+from lrs.wire import TrimmedReport
+
+log = logging.getLogger(__name__)
+
+SERVICE: Final = "envoy.service.load_stats.v3.LoadReportingService"
+METHOD: Final = "StreamLoadStats"
+#: Longest node id kept in a reporter's identity; the rest of a huge id is noise.
+MAX_NODE_ID: Final = 256
+#: Seconds (at least; 4 intervals if longer) before re-asking a reporter for clusters it ignores.
+REASK_AFTER: Final = 2.0
+
+_streams = itertools.count(1)
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+class _Stream:
+    """One open LRS stream: who reports on it, the clusters it was told, what to send."""
+
+    def __init__(self, peer: str) -> None:
+        self.id = next(_streams)
+        self.peer = peer
+        self.reporter = ""  # set by the first message: "node.id#stream id"
+        self.node_cluster = ""
+        self.clusters: tuple[str, ...] = ()
+        self.outbox: asyncio.Queue[lrs_pb2.LoadStatsResponse | None] = asyncio.Queue()
+        self.failure = ""
+        self.asked_at = 0.0  # monotonic time the clusters were last sent
+
+
+class LoadReportingService:
+    """Serves StreamLoadStats on the shared gRPC server and feeds a LoadStore.
+
+    `clusters_for(node.cluster)` names the clusters (pools) of the node's group;
+    the control plane calls `clusters_changed()` after each config reload.
+    """
+
+    def __init__(
+        self,
+        store: LoadStore,
+        clusters_for: Callable[[str], Sequence[str]],
+        interval: float = 1.0,
+        *,
+        cpu_budget: float = 0.5,
+        max_interval: float = 60.0,
+        slice_stats: int = SLICE_STATS,
+        governor: IntervalGovernor | None = None,
+    ) -> None:
+        """`interval` is the shortest reporting interval asked for; ingest may lengthen it
+        up to `max_interval` to keep within `cpu_budget` cores (see lrs.pacing)."""
+        if not interval > 0:
+            raise ValueError("interval must be > 0")
+        self.store = store
+        self.clusters_for = clusters_for
+        self.interval = interval
+        self.governor = governor or IntervalGovernor(interval, cpu_budget, max_interval)
+        self.slice_stats = slice_stats
+        self._merging = asyncio.Lock()
+        #: The store's window at the base interval; scaled in proportion with the interval.
+        self._base_window = store.window
+        self._streams: dict[int, _Stream] = {}
+        self.reports_received = 0  # every LoadStatsRequest, the first of each stream included
+        self.reports_rejected = 0  # not parseable, or a first message without node.id
+        self.clusters_reasked = 0  # responses re-sent because asked-for clusters went unreported
+
+    @property
+    def connected_reporters(self) -> int:
+        """Open streams whose node has identified itself."""
+        return sum(1 for stream in self._streams.values() if stream.reporter)
+
+    @property
+    def endpoint_stats_ingested(self) -> int:
+        return self.store.endpoint_stats
+
+    @property
+    def reporting_interval(self) -> float:
+        """The interval reporters are asked for now (seconds); at least `interval`."""
+        return self.governor.interval
+
+    @property
+    def cpu_budget(self) -> float:
+        """Cores ingest may use before reporters are asked to report less often."""
+        return self.governor.budget
+
+    @property
+    def ingest_cpu_share(self) -> float:
+        """Cores' worth of CPU spent on ingest (parse and merge) recently."""
+        return self.governor.usage(time.monotonic())
+
+    @property
+    def budget_use(self) -> float:
+        """`ingest_cpu_share` over `cpu_budget`: above 1 lengthens the interval."""
+        return self.ingest_cpu_share / self.governor.budget
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        method = grpc.stream_stream_rpc_method_handler(
+            self._serve,
+            request_deserializer=_identity,  # parsed in _read: the first message differently
+            response_serializer=lrs_pb2.LoadStatsResponse.SerializeToString,
+        )
+        return [grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})]
+
+    def clusters_changed(self) -> None:
+        """Re-send LoadStatsResponse on streams whose group's clusters changed."""
+        lists: dict[str, tuple[str, ...]] = {}
+        for stream in self._streams.values():
+            if not stream.reporter:
+                continue
+            clusters = lists.get(stream.node_cluster)
+            if clusters is None:
+                clusters = lists[stream.node_cluster] = self._clusters(stream.node_cluster)
+            if clusters != stream.clusters:
+                stream.clusters = clusters
+                self._ask(stream)
+
+    def _clusters(self, node_cluster: str) -> tuple[str, ...]:
+        return tuple(self.clusters_for(node_cluster))
+
+    def _response(self, clusters: tuple[str, ...]) -> lrs_pb2.LoadStatsResponse:
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(round(self.reporting_interval * 1e9))
+        return lrs_pb2.LoadStatsResponse(
+            clusters=clusters, load_reporting_interval=interval, report_endpoint_granularity=True
+        )
+
+    async def _serve(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Read reports in a task, write responses here, until the client goes away."""
+        stream = _Stream(context.peer())
+        self._streams[stream.id] = stream
+        reader = asyncio.create_task(self._read(stream, requests))
+        try:
+            while (response := await stream.outbox.get()) is not None:
+                await context.write(response)
+            if stream.failure:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.failure)
+        finally:
+            reader.cancel()
+            del self._streams[stream.id]
+            if stream.reporter:
+                self.store.forget_reporter(stream.reporter)
+
+    async def _read(self, stream: _Stream, requests: AsyncIterator[bytes]) -> None:
+        try:
+            async for payload in requests:
+                self.reports_received += 1
+                if stream.reporter:
+                    await self._take(stream, payload)
+                elif not await self._take_first(stream, payload):
+                    return
+        except grpc.RpcError as err:
+            log.debug("LRS stream %d: read ended: %s", stream.id, err)
+        finally:
+            stream.outbox.put_nowait(None)
+
+    async def _take_first(self, stream: _Stream, payload: bytes) -> bool:
+        """Answer a stream's first message; False ends the stream. A reconnecting Envoy's
+        first message already carries the clusters it reported: those are merged."""
+        request = self._identify(stream, payload)
+        if request is None:
+            return False
+        if request.cluster_stats:
+            async with self._merging:
+                await self._ingest(stream, request, time.thread_time())
+        return True
+
+    async def _take(self, stream: _Stream, payload: bytes) -> None:
+        """Parse and merge one report. Both happen under the merge lock, one report at a
+        time: with every reporter's merge in flight at once, each turn of the loop would
+        run a slice of each, and a new stream would wait for all of them at every step of
+        its handshake; and reports parsed while waiting would hold megabytes each.
+        Queued payloads wait in turn (their streams' HTTP/2 windows slow the reporters)."""
+        async with self._merging:
+            started = time.thread_time()
+            report = self._parse(stream, payload)
+            if report is None:
+                return
+            if report.cluster_stats:
+                await self._ingest(stream, report, started)
+        self._ask_again_if_ignored(stream, report, time.monotonic())
+
+    def _identify(self, stream: _Stream, payload: bytes) -> lrs_pb2.LoadStatsRequest | None:
+        """Take the node from a stream's first message and answer it; None ends the stream."""
+        try:
+            request = lrs_pb2.LoadStatsRequest.FromString(payload)
+        except DecodeError:
+            request = None
+        if request is None or not request.node.id:
+            self.reports_rejected += 1
+            stream.failure = "the first LoadStatsRequest must carry the node, with node.id"
+            log.warning("LRS stream %d from %s: %s", stream.id, stream.peer, stream.failure)
+            return None
+        stream.reporter = f"{request.node.id[:MAX_NODE_ID]}#{stream.id}"
+        stream.node_cluster = request.node.cluster
+        stream.clusters = self._clusters(stream.node_cluster)
+        self._ask(stream)
+        return request
+
+    def _parse(self, stream: _Stream, payload: bytes) -> Report | None:
+        try:
+            return TrimmedReport.FromString(payload)
+        except DecodeError:
+            self.reports_rejected += 1
+            log.debug("LRS stream %d: unparseable report of %d bytes", stream.id, len(payload))
+            return None
+
+    async def _ingest(self, stream: _Stream, report: Report, started: float) -> None:
+        """Merge a report slice by slice, yielding the loop in between (the caller holds the
+        merge lock), and account the loop thread's CPU since `started` to the governor."""
+        now = time.monotonic()
+        spent = 0.0
+        for _ in self.store.ingest_steps(stream.reporter, report, now, self.slice_stats):
+            spent += time.thread_time() - started
+            await asyncio.sleep(0)
+            started = time.thread_time()
+        spent += time.thread_time() - started
+        done = time.monotonic()
+        self.governor.record(spent, done)
+        self._pace(done)
+
+    def _pace(self, now: float) -> None:
+        """Apply the governor's verdict: a new interval goes to every open stream."""
+        interval = self.governor.review(now)
+        if interval is None:
+            return
+        log.info(
+            "LRS interval now %.1f s (ingest used %.2f cores of a %.2f budget)",
+            interval,
+            self.governor.usage(now),
+            self.governor.budget,
+        )
+        self.store.set_window(max(self._base_window, self._base_window * interval / self.interval))
+        for stream in self._streams.values():
+            if stream.reporter:
+                self._ask(stream)
+
+    def _ask(self, stream: _Stream) -> None:
+        stream.asked_at = time.monotonic()
+        stream.outbox.put_nowait(self._response(stream.clusters))
+
+    def _ask_again_if_ignored(self, stream: _Stream, report: Report, now: float) -> None:
+        """Envoy reports only the asked-for clusters that existed when it got the request:
+        one asked for while still warming (a new Envoy, a new pool) is never reported.
+        Asking again, at most every few intervals, picks it up once it exists."""
+        if now - stream.asked_at < max(REASK_AFTER, 4 * self.reporting_interval):
+            return
+        reported = {stats.cluster_name for stats in report.cluster_stats}
+        if any(name not in reported for name in stream.clusters):
+            self.clusters_reasked += 1
+            self._ask(stream)

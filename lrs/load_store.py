@@ -1,0 +1,685 @@
+"""Load reports in, one merged view per endpoint out: windows per cluster, locality, endpoint.
+
+Envoy's LRS reports carry deltas (requests finished, failed and issued since its last
+report of that cluster), a level (requests in flight) and ORCA metric sums. Every Envoy
+reports the same endpoints, so the store merges them: rates add up, metric means are
+weighted by how many requests carried the metric, and in-flight levels add up over each
+reporter's latest report. Nothing of a report is kept but those sums.
+
+Why fixed time buckets and not a list of samples: 1,000 Envoys reporting every second
+put 5,000 samples per endpoint into a 5 s window. A ring of buckets, each summing every
+reporter's deltas that arrived during it, keeps an ingest at one addition per value and
+a read at one pass over the ring, whatever the fleet size.
+
+Why levels are kept per (reporter, cluster): Envoy lists an endpoint (or a locality) in
+a cluster's report only when something happened on it, so one missing from a reporter's
+latest report of the cluster is idle as far as that reporter knows. Each report of a
+cluster therefore replaces that reporter's previous levels wholesale.
+
+Bad input never raises: values that are NaN, infinite, negative or absurd are dropped and
+counted in `dropped_values` by reason; input the store does not track (unknown clusters or
+endpoints, anything past a cap) is counted in `ignored`. Memory is bounded by the known
+endpoints and the caps, never by the number or content of reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import asdict
+from operator import attrgetter
+from typing import Any, Final, Protocol
+
+from envoy.config.core.v3 import address_pb2
+from envoy.config.endpoint.v3 import load_report_pb2
+from google.protobuf.message import DecodeError, Message
+
+from lrs.weights.signals import EndpointLoad
+from lrs.wire import TrimmedReport
+
+#: The most requests one report interval may carry (2**30 - 1, ~1.07e9); more is corruption.
+#: One less than a power of two, so `(a | b | c) > MAX_COUNT` checks several counts at once.
+MAX_COUNT: Final = 2**30 - 1
+#: Largest plausible mean of a utilization-like metric (a fraction, or at most a percentage).
+MAX_UTILIZATION: Final = 100.0
+#: Largest plausible mean of any other metric (queue lengths, token counts, ...).
+MAX_MEAN: Final = 1e9
+#: Longest metric name or zone kept; longer ones are dropped rather than stored.
+MAX_NAME: Final = 256
+#: Plausible `load_report_interval` range in seconds; Envoy measures it, so outside is bad.
+MIN_INTERVAL: Final = 0.001
+MAX_INTERVAL: Final = 3600.0
+#: Floor of the time span rates are divided by.
+MIN_SPAN: Final = 0.001
+#: Locality-level ORCA fields of UpstreamLocalityStats, kept under their metric names.
+UNNAMED_METRICS: Final = ("cpu_utilization", "mem_utilization", "application_utilization")
+_UTILIZATION_HINTS: Final = ("util", "usage", "perc")
+#: Endpoint stats merged between two yields of `LoadStore.ingest_steps` (~1 ms of work).
+SLICE_STATS: Final = 256
+#: What the merge reads of an endpoint or locality stat, in one C-level call per stat.
+_STAT_FIELDS: Final = (
+    "total_successful_requests",
+    "total_error_requests",
+    "total_issued_requests",
+    "total_requests_in_progress",
+    "load_metric_stats",
+)
+_STAT_ROW: Final = attrgetter(*_STAT_FIELDS)
+_ENDPOINT_ROW: Final = attrgetter("address", *_STAT_FIELDS)
+_METRIC_ROW: Final = attrgetter(
+    "metric_name", "num_requests_finished_with_metric", "total_metric_value"
+)
+
+
+class Report(Protocol):
+    """A LoadStatsRequest, or any message with its `cluster_stats` field.
+
+    The service parses every report as `lrs.wire.TrimmedReport`; anything else (a full
+    LoadStatsRequest from a test or a tool) is re-parsed as one first.
+    """
+
+    @property
+    def cluster_stats(self) -> Iterable[Any]: ...
+
+
+def trimmed(request: Report) -> Message:
+    """The report as a TrimmedReport, the only shape the merge reads."""
+    if isinstance(request, TrimmedReport):
+        return request
+    return TrimmedReport.FromString(request.SerializeToString())  # type: ignore[attr-defined]
+
+
+def endpoint_address(key: str) -> tuple[str, int] | None:
+    """("address", port) of an "address:port" or "[v6 address]:port" key, as LRS carries it."""
+    host, colon, port = key.rpartition(":")
+    if not colon or not port.isdigit():
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_utilization(metric_name: str) -> bool:
+    """Utilization-like metrics (cpu_utilization, kv_cache_usage_perc) are at most 100."""
+    return any(hint in metric_name for hint in _UTILIZATION_HINTS)
+
+
+class _Bucket:
+    """What every reporter said about one series during one bucket of time."""
+
+    __slots__ = ("error", "index", "issued", "metrics", "success")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.success = 0
+        self.error = 0
+        self.issued = 0
+        #: metric name -> [requests finished with the metric, sum of its values]
+        self.metrics: dict[str, list[float]] = {}
+
+    def absorb(self, other: _Bucket) -> None:
+        """Add another bucket's sums to this one (buckets merging when the window widens)."""
+        self.success += other.success
+        self.error += other.error
+        self.issued += other.issued
+        for name, (num, total) in other.metrics.items():
+            found = self.metrics.setdefault(name, [0, 0.0])
+            found[0] += num
+            found[1] += total
+
+
+class _Series:
+    """One endpoint's or one locality's load: a ring of buckets plus live levels."""
+
+    __slots__ = ("in_progress", "key", "last_index", "last_seen", "names", "reporters", "ring")
+
+    def __init__(self, key: str, buckets: int) -> None:
+        self.key = key
+        self.ring: list[_Bucket | None] = [None] * buckets
+        #: metric name -> the last bucket index it arrived in (the per-series name cap).
+        self.names: dict[str, int] = {}
+        self.last_seen = -math.inf
+        self.last_index = -(2**62)
+        #: Sum over live reporter states of the level each reported last.
+        self.in_progress = 0
+        #: Live reporter states whose latest report listed this series.
+        self.reporters = 0
+
+    def bucket(self, index: int) -> _Bucket:
+        """The bucket for time index `index`, recycling the slot it displaces."""
+        slot = index % len(self.ring)
+        bucket = self.ring[slot]
+        if bucket is None or bucket.index != index:
+            bucket = self.ring[slot] = _Bucket(index)
+        return bucket
+
+    def refile(self, index_of: Callable[[int], int]) -> None:
+        """Move every bucket to its new time index (see LoadStore.set_window)."""
+        ring: list[_Bucket | None] = [None] * len(self.ring)
+        for bucket in sorted((b for b in self.ring if b is not None), key=lambda b: b.index):
+            bucket.index = index_of(bucket.index)
+            slot = bucket.index % len(ring)
+            found = ring[slot]
+            if found is not None and found.index == bucket.index:
+                found.absorb(bucket)
+            else:
+                ring[slot] = bucket  # a newer bucket displaces an older one
+        self.ring = ring
+        self.names = {name: index_of(last) for name, last in self.names.items()}
+        self.last_index = index_of(self.last_index)
+
+    def admit(self, name: str, index: int, oldest: int, cap: int) -> bool:
+        """Whether a metric name may start a sum in bucket `index`: at most `cap` live names."""
+        names = self.names
+        if name not in names and len(names) >= cap:
+            for stale in [n for n, last in names.items() if last < oldest]:
+                del names[stale]
+            if len(names) >= cap:
+                return False
+        names[name] = index
+        return True
+
+    def read(self, oldest: int, newest: int, span: float, now: float) -> EndpointLoad:
+        """The merged load over buckets oldest..newest; counts become rates over `span`."""
+        success = error = issued = 0
+        sums: dict[str, list[float]] = {}
+        for bucket in self.ring:
+            if bucket is None or not oldest <= bucket.index <= newest:
+                continue
+            success += bucket.success
+            error += bucket.error
+            issued += bucket.issued
+            for name, (num, total) in bucket.metrics.items():
+                found = sums.get(name)
+                if found is None:
+                    sums[name] = [num, total]
+                else:
+                    found[0] += num
+                    found[1] += total
+        return EndpointLoad(
+            rps=(success + error) / span,
+            error_rps=error / span,
+            issued_rps=issued / span,
+            in_progress=float(self.in_progress),
+            metrics={name: total / num for name, (num, total) in sums.items()},
+            age=max(0.0, now - self.last_seen),
+            reporters=self.reporters,
+        )
+
+
+class _ReporterState:
+    """One reporter's latest report of one cluster: when it came, and the levels it listed."""
+
+    __slots__ = ("levels", "time")
+
+    def __init__(self) -> None:
+        self.time = -math.inf
+        self.levels: dict[_Series, int] = {}
+
+    def replace(self, levels: dict[_Series, int], now: float) -> None:
+        """Swap in a new report's levels, keeping each series' sums over reporters exact."""
+        previous = self.levels
+        for series, level in levels.items():
+            before = previous.pop(series, None)
+            if before is None:
+                series.reporters += 1
+                series.in_progress += level
+            else:
+                series.in_progress += level - before
+        for series, before in previous.items():
+            series.reporters -= 1
+            series.in_progress -= before
+        self.levels = levels
+        self.time = now
+
+    def release(self) -> None:
+        """Take this reporter's levels out of every series it listed."""
+        self.replace({}, self.time)
+
+
+class _Addresses(dict[bytes, "_Series | None"]):
+    """Serialized Address submessage -> the known endpoint it names (None: not known).
+
+    Reports name the same endpoints by the same bytes every time, so each address is
+    decoded once; a lookup is then one dict access in C. Bounded: cleared when full.
+    """
+
+    __slots__ = ("endpoints", "limit")
+
+    def __init__(self, endpoints: dict[tuple[str, int], _Series]) -> None:
+        super().__init__()
+        self.endpoints = endpoints
+        self.limit = 2 * len(endpoints) + 64
+
+    def __missing__(self, wire: bytes) -> _Series | None:
+        try:
+            socket = address_pb2.Address.FromString(wire).socket_address
+        except DecodeError:
+            series = None
+        else:
+            series = self.endpoints.get((socket.address, socket.port_value))
+        if len(self) >= self.limit:
+            self.clear()
+        self[wire] = series
+        return series
+
+
+class _Cluster:
+    """One tracked cluster: its known endpoints, its localities, and who reports it."""
+
+    __slots__ = ("addresses", "cover", "endpoints", "localities", "states")
+
+    def __init__(self, buckets: int) -> None:
+        self.endpoints: dict[tuple[str, int], _Series] = {}
+        self.addresses = _Addresses(self.endpoints)
+        self.localities: dict[str, _Series] = {}
+        #: reporter -> its latest report, least recently reported first.
+        self.states: dict[str, _ReporterState] = {}
+        #: Per bucket [index, sum of the report intervals that arrived in it].
+        self.cover: list[list[float] | None] = [None] * buckets
+
+    def expire(self, cutoff: float) -> None:
+        """Forget the levels of reporters that have not reported this cluster since cutoff."""
+        states = self.states
+        while states:
+            reporter, state = next(iter(states.items()))
+            if state.time >= cutoff:
+                return
+            del states[reporter]
+            state.release()
+
+    def refile(self, index_of: Callable[[int], int]) -> None:
+        """Move the cover and every series to new time indexes (see LoadStore.set_window)."""
+        cover: list[list[float] | None] = [None] * len(self.cover)
+        for entry in sorted((c for c in self.cover if c is not None), key=lambda c: c[0]):
+            index = index_of(int(entry[0]))
+            found = cover[index % len(cover)]
+            if found is not None and found[0] == index:
+                found[1] += entry[1]
+            else:
+                cover[index % len(cover)] = [index, entry[1]]
+        self.cover = cover
+        for series in (*self.endpoints.values(), *self.localities.values()):
+            series.refile(index_of)
+
+    def add_cover(self, index: int, interval: float) -> None:
+        slot = index % len(self.cover)
+        cover = self.cover[slot]
+        if cover is None or cover[0] != index:
+            self.cover[slot] = [index, interval]
+        else:
+            cover[1] += interval
+
+    def span(self, oldest: int, newest: int) -> float:
+        """Seconds the window's counts cover: the mean over live reporters of their intervals.
+
+        For one reporter that is exactly the time its reports in the window cover; for
+        several that joined at different times (or report out of phase) it is their mean,
+        so a reporter that just joined does not make the others' rates look smaller.
+        """
+        covered = sum(c[1] for c in self.cover if c is not None and oldest <= c[0] <= newest)
+        return max(covered / max(len(self.states), 1), MIN_SPAN)
+
+
+class _Reporter:
+    """A reporter the store knows: when it last reported, and which clusters it reported."""
+
+    __slots__ = ("clusters", "time")
+
+    def __init__(self) -> None:
+        self.time = -math.inf
+        self.clusters: set[str] = set()
+
+
+class LoadStore:
+    """Per cluster, locality and endpoint windows of request rates and ORCA metric means.
+
+    `window` seconds of reports are kept in `buckets` time buckets, so a report counts
+    for between window * (1 - 1/buckets) and window seconds after it arrived.
+    """
+
+    def __init__(
+        self,
+        window: float = 5.0,
+        max_metric_names: int = 16,
+        max_reporters: int = 4096,
+        max_localities: int = 64,
+        buckets: int = 5,
+    ) -> None:
+        if not window > 0 or buckets < 1 or max_reporters < 1:
+            raise ValueError("window must be > 0, buckets and max_reporters >= 1")
+        self.window = window
+        self.max_metric_names = max_metric_names
+        self.max_reporters = max_reporters
+        self.max_localities = max_localities
+        self._buckets = buckets
+        self._width = window / buckets
+        self._clusters: dict[str, _Cluster] = {}
+        #: reporter -> record, least recently reporting first.
+        self._reporters: dict[str, _Reporter] = {}
+        self.reports = 0  # reports ingested (LoadStatsRequests)
+        self.endpoint_stats = 0  # UpstreamEndpointStats of known endpoints ingested
+        self.ignored: Counter[str] = Counter()  # untracked input: unknown names, past a cap
+        self.dropped_values: Counter[str] = Counter()  # bad values, by reason
+
+    # ------------------------------------------------------------------ config
+
+    def set_known(self, clusters: Mapping[str, Collection[str]]) -> None:
+        """Track exactly these clusters and endpoint keys; called on every config reload.
+
+        Endpoints (and clusters) that stay keep their windows; removed ones are forgotten.
+        """
+        fresh: dict[str, _Cluster] = {}
+        for name, keys in clusters.items():
+            cluster = self._clusters.get(name) or _Cluster(self._buckets)
+            endpoints: dict[tuple[str, int], _Series] = {}
+            for key in keys:
+                address = endpoint_address(key)
+                if address is not None:
+                    found = cluster.endpoints.get(address)
+                    endpoints[address] = found or _Series(key, self._buckets)
+            cluster.endpoints = endpoints
+            cluster.addresses = _Addresses(endpoints)
+            fresh[name] = cluster
+        self._clusters = fresh
+
+    def set_window(self, window: float) -> None:
+        """Change the window's length, keeping its bucket count and what it holds.
+
+        The service scales the window with the reporting interval, so it stays a few
+        intervals long. Every bucket is re-filed under the index its start time has at the
+        new width: widening merges neighbours exactly; narrowing leaves each bucket's
+        counts at its start, and what falls out of the shorter window ages out.
+        """
+        if not window > 0:
+            raise ValueError("window must be > 0")
+        old, new = self._width, window / self._buckets
+        if old == new:
+            return
+        self.window, self._width = window, new
+
+        def index_of(index: int) -> int:
+            return math.floor(index * old / new)
+
+        for cluster in self._clusters.values():
+            cluster.refile(index_of)
+
+    @property
+    def reporters(self) -> int:
+        """Reporters the store knows now (at most max_reporters)."""
+        return len(self._reporters)
+
+    # ------------------------------------------------------------------ ingest
+
+    def ingest(self, reporter: str, request: Report, now: float) -> None:
+        """Merge one load report that arrived at monotonic time `now`; never raises on content."""
+        for _ in self.ingest_steps(reporter, request, now):
+            pass
+
+    def ingest_steps(
+        self, reporter: str, request: Report, now: float, slice_stats: int = SLICE_STATS
+    ) -> Iterator[None]:
+        """`ingest` in slices: yields after about every `slice_stats` endpoint stats.
+
+        A report of thousands of endpoints takes milliseconds to merge; the service
+        awaits the event loop at each yield so other streams are served in between.
+        The store is consistent at every yield (reads, other reporters' reports and
+        `set_known` may run there). Abandoning the iterator midway leaves a partly merged
+        report: counts merged so far stay, levels are not replaced.
+        """
+        self.reports += 1
+        report = trimmed(request)
+        record = self._reporter(reporter, now)
+        if record is None:
+            self.ignored["reporter_cap"] += 1
+            return
+        index = math.floor(now / self._width)
+        pending = 0
+        for stats in report.cluster_stats:
+            cluster = self._clusters.get(stats.cluster_name)
+            if cluster is None:
+                self.ignored["unknown_cluster"] += 1
+                continue
+            record.clusters.add(stats.cluster_name)
+            for merged in self._ingest_cluster(reporter, cluster, stats, now, index, slice_stats):
+                pending += merged
+                if pending >= slice_stats:
+                    pending = 0
+                    yield
+
+    def forget_reporter(self, reporter: str) -> None:
+        """The reporter is gone: its in-flight levels go now, its counts age out normally."""
+        record = self._reporters.pop(reporter, None)
+        if record is None:
+            return
+        for name in record.clusters:
+            cluster = self._clusters.get(name)
+            state = cluster.states.pop(reporter, None) if cluster is not None else None
+            if state is not None:
+                state.release()
+
+    def _reporter(self, reporter: str, now: float) -> _Reporter | None:
+        """The reporter's record, most recent last; None when at the cap with nobody idle."""
+        reporters = self._reporters
+        record = reporters.pop(reporter, None)
+        if record is None:
+            if len(reporters) >= self.max_reporters:
+                oldest = next(iter(reporters))
+                if reporters[oldest].time >= now - self.window:
+                    return None
+                self.forget_reporter(oldest)
+            record = _Reporter()
+        record.time = now
+        reporters[reporter] = record
+        return record
+
+    def _ingest_cluster(
+        self, reporter: str, cluster: _Cluster, stats: Any, now: float, index: int, size: int
+    ) -> Iterator[int]:
+        """Merge one ClusterStats, yielding the endpoint stats merged after each chunk."""
+        oldest = index - self._buckets + 1
+        cluster.expire(oldest * self._width)
+        # The state stays listed while the report is merged: forget_reporter or expire may
+        # release it at a yield, and the replace below then starts from nothing.
+        state = cluster.states.get(reporter)
+        cluster.add_cover(index, self._interval(stats.load_report_interval, state, now))
+        levels: dict[_Series, int] = {}
+        for locality_stats in stats.upstream_locality_stats:
+            locality = self._locality(cluster, locality_stats.locality.zone, oldest)
+            if locality is not None:
+                counts = _STAT_ROW(locality_stats)
+                row = (locality, *counts[:4], [*counts[4], *_unnamed_metrics(locality_stats)])
+                self._merge([row], _same, levels, now, index)
+            rows = list(map(_ENDPOINT_ROW, locality_stats.upstream_endpoint_stats))
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                unknown = self._merge(chunk, cluster.addresses.__getitem__, levels, now, index)
+                self.endpoint_stats += len(chunk) - unknown
+                if unknown:
+                    self.ignored["unknown_endpoint"] += unknown
+                yield len(chunk)
+        state = cluster.states.pop(reporter, None) or _ReporterState()
+        state.replace(levels, now)
+        cluster.states[reporter] = state
+
+    def _merge(
+        self,
+        rows: Iterable[tuple[Any, int, int, int, int, Iterable[Any]]],
+        series_of: Callable[[Any], _Series | None],
+        levels: dict[_Series, int],
+        now: float,
+        index: int,
+    ) -> int:
+        """Add rows of (key, success, error, issued, in progress, metric stats) to the current
+        buckets of the series `series_of(key)` names, noting each level; returns how many
+        rows named no known series.
+
+        The hot loop of ingest (one pass per endpoint stat): locals bound, the common
+        case tested in one comparison chain, the rare rest decided by `_plausible`.
+        """
+        oldest = index - self._buckets + 1
+        slot = index % self._buckets
+        cap = self.max_metric_names
+        unknown = 0
+        max_count, max_utilization, metric_row = MAX_COUNT, MAX_UTILIZATION, _METRIC_ROW
+        for key, success, error, issued, level, metrics in rows:
+            series = series_of(key)
+            if series is None:
+                unknown += 1
+                continue
+            if (success | error | issued | level) > max_count:
+                success, error, issued, level = self._drop_large(success, error, issued, level)
+            bucket = series.ring[slot]
+            if bucket is None or bucket.index != index:
+                bucket = series.bucket(index)
+            bucket.success += success
+            bucket.error += error
+            bucket.issued += issued
+            levels[series] = levels.get(series, 0) + level
+            series.last_seen = now
+            series.last_index = index
+            sums = bucket.metrics
+            for name, num, total in map(metric_row, metrics):
+                if not (0 < num <= max_count and 0.0 <= total <= num * max_utilization):
+                    if not self._plausible(name, num, total):
+                        continue
+                found = sums.get(name)
+                if found is None:
+                    if not self._admit(series, name, index, oldest, cap):
+                        continue
+                    found = sums[name] = [0, 0.0]
+                found[0] += num
+                found[1] += total
+        return unknown
+
+    def _interval(self, duration: Any, previous: _ReporterState | None, now: float) -> float:
+        """The report's interval; if implausible, the time since the reporter's last one."""
+        seconds = duration.seconds + duration.nanos * 1e-9
+        if MIN_INTERVAL <= seconds <= MAX_INTERVAL:
+            return seconds
+        self.dropped_values["bad_interval"] += 1
+        if previous is not None and MIN_INTERVAL <= now - previous.time <= MAX_INTERVAL:
+            return now - previous.time
+        return self.window
+
+    def _locality(self, cluster: _Cluster, zone: str, oldest: int) -> _Series | None:
+        """The zone's series, made on first sight; None past the cap or for a silly name."""
+        series = cluster.localities.get(zone)
+        if series is not None:
+            return series
+        if len(zone) > MAX_NAME:
+            self.dropped_values["bad_name"] += 1
+            return None
+        localities = cluster.localities
+        if len(localities) >= self.max_localities:
+            for stale in [z for z, s in localities.items() if s.last_index < oldest]:
+                del localities[stale]
+            if len(localities) >= self.max_localities:
+                self.ignored["locality_cap"] += 1
+                return None
+        series = localities[zone] = _Series(zone, self._buckets)
+        return series
+
+    def _drop_large(self, *counts: int) -> tuple[int, ...]:
+        kept = tuple(0 if count > MAX_COUNT else count for count in counts)
+        self.dropped_values["count_too_large"] += sum(count > MAX_COUNT for count in counts)
+        return kept
+
+    def _admit(self, series: _Series, name: str, index: int, oldest: int, cap: int) -> bool:
+        """Whether a metric name new to the bucket may start a sum there; counts why not."""
+        if not 0 < len(name) <= MAX_NAME:
+            self.dropped_values["bad_name"] += 1
+            return False
+        if not series.admit(name, index, oldest, cap):
+            self.ignored["metric_name_cap"] += 1
+            return False
+        return True
+
+    def _plausible(self, name: str, num: int, total: float) -> bool:
+        """Whether a metric sum outside the common range is still believable; counts why not."""
+        if num == 0:
+            if total == 0.0:
+                return False  # nothing measured, nothing wrong
+            reason = "metric_without_requests"
+        elif num > MAX_COUNT:
+            reason = "count_too_large"
+        elif not math.isfinite(total):
+            reason = "not_finite"
+        elif total < 0.0:
+            reason = "negative"
+        elif not 0 < len(name) <= MAX_NAME:
+            reason = "bad_name"
+        elif total / num > (MAX_UTILIZATION if is_utilization(name) else MAX_MEAN):
+            reason = "too_large"
+        else:
+            return True
+        self.dropped_values[reason] += 1
+        return False
+
+    # ------------------------------------------------------------------ reads
+
+    def pool_load(self, cluster: str, now: float) -> dict[str, EndpointLoad]:
+        """Endpoint key -> merged load, for the cluster's endpoints with data in the window."""
+        found = self._clusters.get(cluster)
+        return {} if found is None else self._read(found, found.endpoints.values(), now)
+
+    def locality_load(self, cluster: str, now: float) -> dict[str, EndpointLoad]:
+        """Zone -> merged locality-level load (counts, locality ORCA metrics) in the window."""
+        found = self._clusters.get(cluster)
+        return {} if found is None else self._read(found, found.localities.values(), now)
+
+    def _read(
+        self, cluster: _Cluster, series: Iterable[_Series], now: float
+    ) -> dict[str, EndpointLoad]:
+        newest = math.floor(now / self._width)
+        oldest = newest - self._buckets + 1
+        cluster.expire(oldest * self._width)
+        span = cluster.span(oldest, newest)
+        return {s.key: s.read(oldest, newest, span, now) for s in series if s.last_index >= oldest}
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """A JSON-ready view for the admin API: counters, and per cluster what pool_load sees."""
+        clusters: dict[str, Any] = {}
+        for name in sorted(self._clusters):
+            endpoints = self.pool_load(name, now)
+            localities = self.locality_load(name, now)
+            if endpoints or localities:
+                clusters[name] = {
+                    "reporters": len(self._clusters[name].states),
+                    "endpoints": {key: asdict(load) for key, load in sorted(endpoints.items())},
+                    "localities": {zone: asdict(load) for zone, load in sorted(localities.items())},
+                }
+        return {
+            "window_s": self.window,
+            "reporters": len(self._reporters),
+            "reports": self.reports,
+            "endpoint_stats": self.endpoint_stats,
+            "ignored": dict(self.ignored),
+            "dropped_values": dict(self.dropped_values),
+            "clusters": clusters,
+        }
+
+
+def _same(series: _Series) -> _Series:
+    return series
+
+
+def _unnamed_metrics(stats: Any) -> list[Any]:
+    """The locality's dedicated cpu/mem/application utilization fields, as named metric sums.
+
+    Envoy 1.40 leaves them empty (it reports these under their names in load_metric_stats),
+    but other reporters (proxyless gRPC) may set them.
+    """
+    found = []
+    for name in UNNAMED_METRICS:
+        if stats.HasField(name):
+            field = getattr(stats, name)
+            found.append(
+                load_report_pb2.EndpointLoadMetricStats(
+                    metric_name=name,
+                    num_requests_finished_with_metric=field.num_requests_finished_with_metric,
+                    total_metric_value=field.total_metric_value,
+                )
+            )
+    return found

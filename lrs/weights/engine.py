@@ -1,0 +1,129 @@
+"""The weight engine: every tick, each load-weighted pool's policy turns fresh signals into weights.
+
+It only produces weights; `publish` (the control plane's Publisher) turns them
+into EDS. Pushes are debounced per pool: a pool whose weights moved is re-sent
+at most once per its `push_interval`, and a change held back by the debounce
+goes out on the first tick after the interval, so the latest weights always win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lrs.load_store import LoadStore
+from lrs.weights.policy import WeightPolicy, load_policy
+from lrs.weights.signals import EndpointInput, PoolWeights
+from xds_server.config.types import Config, Pool
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, PoolWeights], None]
+
+
+@dataclass(slots=True)
+class _PoolState:
+    pool: Pool
+    policy: WeightPolicy
+    known_since: dict[str, float] = field(default_factory=dict)
+    latest: PoolWeights | None = None  # the policy's latest answer
+    published: PoolWeights | None = None  # what EDS carries now
+    pushed_at: float = float("-inf")
+    pushes: int = 0
+
+
+class WeightEngine:
+    """Runs the policies of the `weighting: orca` pools and publishes changed weights."""
+
+    def __init__(
+        self,
+        store: LoadStore,
+        publish: Publish,
+        tick: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.tick = tick
+        self.clock = clock
+        self.pools: dict[str, _PoolState] = {}
+        self.policy_errors = 0
+        self.step_errors = 0
+
+    def configure(self, config: Config) -> None:
+        """Follow a reload: keep each pool's policy (and its smoothing state) unless its
+        policy or parameters changed; endpoints new to a pool start their blackout now."""
+        now = self.clock()
+        pools: dict[str, _PoolState] = {}
+        for pool in config.pools:
+            if pool.weighting != "orca":
+                continue
+            old = self.pools.get(pool.name)
+            if old is not None and (old.pool.policy, old.pool.orca) == (pool.policy, pool.orca):
+                state = old
+                state.pool = pool
+            else:
+                state = _PoolState(pool, load_policy(pool.policy, pool.orca))
+                if old is not None:
+                    state.published, state.pushed_at = old.published, old.pushed_at
+                    state.known_since = old.known_since
+            state.known_since = {e.key: state.known_since.get(e.key, now) for e in pool.endpoints}
+            pools[pool.name] = state
+        self.pools = pools
+
+    def step(self) -> list[str]:
+        """One round over every pool; returns the names of the pools whose weights went out."""
+        now = self.clock()
+        pushed = []
+        for name, state in self.pools.items():
+            weights = self._compute(state, now)
+            if weights is None:
+                continue
+            state.latest = weights
+            if _same(weights, state.published):
+                continue
+            if now - state.pushed_at < state.pool.orca.push_interval:
+                continue  # debounced: the next tick after the interval sends the latest
+            self.publish(name, weights)
+            state.published, state.pushed_at = weights, now
+            state.pushes += 1
+            pushed.append(name)
+        return pushed
+
+    async def run(self) -> None:
+        """Tick until cancelled; a failing round is logged and counted, never the end of it."""
+        while True:
+            try:
+                self.step()
+            except Exception:
+                self.step_errors += 1
+                log.exception("weight engine round failed; weights stay as published")
+            await asyncio.sleep(self.tick)
+
+    def _compute(self, state: _PoolState, now: float) -> PoolWeights | None:
+        pool = state.pool
+        loads = self.store.pool_load(pool.name, now)
+        inputs = [
+            EndpointInput(e.key, e.zone, e.weight, loads.get(e.key), state.known_since[e.key])
+            for e in pool.endpoints
+        ]
+        if not inputs:
+            return None
+        try:
+            # Custom policies come wrapped by load_policy, which refuses answers Envoy would NACK.
+            return state.policy.compute(inputs, now)
+        except Exception:  # a custom policy's bug (or invalid answer) must not stop the others
+            self.policy_errors += 1
+            log.exception("weight policy %r of pool %s failed", pool.policy, pool.name)
+            return None
+
+
+def _same(a: PoolWeights, b: PoolWeights | None) -> bool:
+    return b is not None and (a.endpoints, a.localities, a.saturated) == (
+        b.endpoints,
+        b.localities,
+        b.saturated,
+    )

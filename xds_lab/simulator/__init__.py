@@ -1,0 +1,11 @@
+"""A vLLM-like model server to put behind Envoy: OpenAI API, continuous batching, ORCA, metrics.
+
+Real HTTP with load behaviour close enough to vLLM's that load-aware balancing can be
+measured against it, on a laptop: no GPU, no model, the engine sleeps for simulated time.
+
+Layout: `options` (the parameters, the fast/slow profiles, CLI flags), `batching` (the
+continuous-batching scheduler with its KV cache), `openai` (request parsing and response
+shapes), `orca` (the `endpoint-load-metrics` header), `metrics` (vLLM's Prometheus names),
+`model_server` (`ModelServer`: the aiohttp app), `run` (`xds-lab simulate`), `process`
+(simulators in a child process, driven over their admin API).
+"""

@@ -1,0 +1,486 @@
+"""The snapshot file: YAML in, a typed and fully validated Config out.
+
+People edit this file by hand while a fleet serves from it, so every mistake
+must be caught here, before anything reaches Envoy (which would NACK it, or
+worse, accept something subtly wrong), and reported all at once with the file,
+the path in the document and what to do, so one edit-validate round fixes all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Final, NamedTuple
+
+import yaml
+
+from lrs.weights.params import ParamError, Params, parse_params
+from lrs.weights.policy import PolicyError, load_policy
+from xds_server.config.problems import (
+    BOOLEAN,
+    REQUIRED,
+    STRING,
+    Reader,
+    declared_names,
+    describe,
+    join,
+    name_entries,
+    unknown,
+)
+from xds_server.config.raw import read_raw
+from xds_server.config.types import (
+    CSWRR,
+    DEFAULT_GROUP,
+    FAILURE_MODES,
+    LB_POLICIES,
+    MAX_BODY_BYTES,
+    MAX_ROUTER_TIMEOUT,
+    MAX_WEIGHT,
+    MIN_CONNECT_TIMEOUT,
+    MODEL_HEADER,
+    UINT32_MAX,
+    WEIGHTINGS,
+    BodyRouterSettings,
+    Config,
+    Endpoint,
+    Listener,
+    NodeGroup,
+    Pool,
+    Problem,
+    Route,
+    SnapshotError,
+    SplitTarget,
+)
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# --------------------------------------------------------------------------- sections
+
+_ENDPOINT_KEYS: Final = ("address", "port", "zone", "weight")
+_POOL_KEYS: Final = (
+    "name",
+    "lb_policy",
+    "weighting",
+    "connect_timeout",
+    "endpoints",
+    "policy",
+    "orca",
+)
+_ROUTE_KEYS: Final = ("model", "prefix", "pool", "split", "timeout")
+_SPLIT_KEYS: Final = ("pool", "weight")
+_LISTENER_KEYS: Final = ("name", "port", "address", "body_routing", "routes")
+_BODY_ROUTER_KEYS: Final = ("address", "port", "timeout", "failure_mode", "max_body_bytes")
+_GROUP_KEYS: Final = ("name", "node_clusters", "listeners", "pools")
+_TOP_KEYS: Final = ("listeners", "pools", "node_groups", "body_router", "envoy")
+
+_EDS_HINT: Final = "; EDS endpoints are not resolved by DNS, so give the IP address"
+_WEIGHT_HINT: Final = " (Envoy rejects weight 0: remove or drain the endpoint instead)"
+
+
+def _read_endpoint(r: Reader, value: object, path: str) -> Endpoint | None:
+    m = r.mapping(value, path, _ENDPOINT_KEYS)
+    if m is None:
+        return None
+    address = r.ip(m, "address", path, REQUIRED, _EDS_HINT)
+    port = r.integer(m, "port", path, 1, 65535)
+    zone = r.value(m, "zone", path, STRING, "")
+    weight = r.integer(m, "weight", path, 1, MAX_WEIGHT, 1, _WEIGHT_HINT)
+    if address is None or port is None or zone is None or weight is None:
+        return None
+    return Endpoint(address, port, zone, weight)
+
+
+def _check_weight_sums(r: Reader, path: str, endpoints: list[Endpoint]) -> None:
+    """Envoy refuses an assignment whose locality or overall weight sum overflows uint32."""
+    sums: dict[str, int] = {}
+    for endpoint in endpoints:
+        sums[endpoint.zone] = sums.get(endpoint.zone, 0) + endpoint.weight
+    for zone, total in sorted(sums.items()):
+        if total > UINT32_MAX:
+            r.problem(
+                path, f"weights in zone {zone!r} sum to {total}, over Envoy's limit {UINT32_MAX}"
+            )
+    if all(total <= UINT32_MAX for total in sums.values()) and sum(sums.values()) > UINT32_MAX:
+        r.problem(
+            path,
+            f"weights sum to {sum(sums.values())} over all zones, over Envoy's limit {UINT32_MAX}",
+        )
+
+
+def _read_pool(r: Reader, value: object, path: str) -> Pool | None:
+    m = r.mapping(value, path, _POOL_KEYS)
+    if m is None:
+        return None
+    name = r.name(m, path)
+    weighting = r.choice(m, "weighting", path, WEIGHTINGS)
+    # Load-aware weights set the shares; least request underneath steers each request
+    # between two weight pushes (it measured better than round robin, bench/balance.py).
+    default_lb = "least_request" if weighting == "orca" else None
+    lb_policy = r.choice(m, "lb_policy", path, LB_POLICIES, default_lb)
+    connect_timeout = r.seconds(
+        m, "connect_timeout", path, 1.0, MIN_CONNECT_TIMEOUT, " (Envoy needs a positive timeout)"
+    )
+    entries = [(p, e) for p, v in r.items(m, "endpoints", path) if (e := _read_endpoint(r, v, p))]
+    r.duplicates(((p, e.key) for p, e in entries), "endpoint")
+    endpoints = [e for _, e in entries]
+    _check_weight_sums(r, join(path, "endpoints"), endpoints)
+    policy, orca = _read_policy(r, m, path)
+    if lb_policy == CSWRR and weighting == "orca":
+        r.problem(
+            join(path, "weighting"),
+            f"{CSWRR} computes its own weights from ORCA and ignores EDS weights: "
+            "use weighting: static with it, or weighting: orca with round_robin or least_request",
+        )
+        return None
+    if name is None or lb_policy is None or weighting is None or connect_timeout is None:
+        return None
+    if policy is None or orca is None:
+        return None
+    return Pool(name, lb_policy, weighting, tuple(endpoints), connect_timeout, policy, orca)
+
+
+def _read_policy(r: Reader, m: dict, path: str) -> tuple[str | None, Params | None]:
+    """The weight policy and its parameters, checked now so a typo names its place in the
+    file instead of surfacing later as a log line from the weight engine."""
+    spec = r.value(m, "policy", path, STRING, "headroom")
+    raw = m.get("orca") or {}
+    if not isinstance(raw, dict):
+        r.problem(join(path, "orca"), f"expected a mapping, got {describe(raw)}")
+        return spec, None
+    try:
+        params = parse_params(raw)
+    except ParamError as err:
+        for key, message in err.problems:
+            r.problem(join(join(path, "orca"), key), message)
+        return spec, None
+    if spec is not None:
+        try:
+            load_policy(spec, params)
+        except PolicyError as err:
+            r.problem(join(path, "policy"), str(err))
+            return None, params
+    return spec, params
+
+
+def _read_route(r: Reader, value: object, path: str, pool_names: set[str]) -> Route | None:
+    m = r.mapping(value, path, _ROUTE_KEYS)
+    if m is None:
+        return None
+    if sum(m.get(key) is not None for key in ("model", "prefix")) != 1:
+        r.problem(
+            path,
+            f"a route needs exactly one of 'model' (matches header {MODEL_HEADER}) "
+            "or 'prefix' (matches the request path)",
+        )
+        return None
+    model = r.text(m, "model", path, None)
+    prefix = r.value(m, "prefix", path, STRING, None)
+    if prefix is not None and not prefix.startswith("/"):
+        r.problem(join(path, "prefix"), f"a path prefix starts with '/', got {prefix!r}")
+        prefix = None
+    timeout = r.seconds(m, "timeout", path, 300.0, 0, " (0 disables the timeout)")
+    if (m.get("pool") is None) == (m.get("split") is None):
+        r.problem(path, "a route needs exactly one of 'pool' or 'split' (pools sharing by weight)")
+        return None
+    split: tuple[SplitTarget, ...] = ()
+    if m.get("split") is None:
+        pool = _pool_reference(r, m, path, pool_names)
+        routable = pool is not None
+    else:
+        pool, split = None, _read_split(r, m, path, pool_names)
+        routable = bool(split)
+    if not routable or timeout is None or (model is None and prefix is None):
+        return None
+    return Route(pool, model, prefix, timeout, split)
+
+
+def _pool_reference(r: Reader, m: dict, path: str, pool_names: set[str]) -> str | None:
+    pool = r.value(m, "pool", path, STRING)
+    if pool is not None and pool not in pool_names:
+        r.problem(join(path, "pool"), unknown("pool", pool, pool_names))
+        return None
+    return pool
+
+
+def _read_split(r: Reader, m: dict, path: str, pool_names: set[str]) -> tuple[SplitTarget, ...]:
+    """Empty when anything is wrong (a problem is recorded), so no partial split is served."""
+    here = join(path, "split")
+    items = m["split"]
+    if not isinstance(items, list) or not items:
+        r.problem(here, f"expected a non-empty list of {{pool, weight}}, got {describe(items)}")
+        return ()
+    entries: list[tuple[str, SplitTarget]] = []
+    broken = False
+    for index, item in enumerate(items):
+        item_path = f"{here}[{index}]"
+        target = _read_split_target(r, item, item_path, pool_names)
+        broken |= target is None
+        if target is not None:
+            entries.append((item_path, target))
+    r.duplicates(((p, t.pool) for p, t in entries), "pool in the split", "; merge the weights")
+    pools = [t.pool for _, t in entries]
+    if broken or len(set(pools)) != len(pools):
+        return ()
+    if sum(t.weight for _, t in entries) > UINT32_MAX:
+        r.problem(here, f"weights sum over Envoy's limit {UINT32_MAX}")
+        return ()
+    return tuple(t for _, t in entries)
+
+
+def _read_split_target(
+    r: Reader, value: object, path: str, pool_names: set[str]
+) -> SplitTarget | None:
+    m = r.mapping(value, path, _SPLIT_KEYS)
+    if m is None:
+        return None
+    pool = _pool_reference(r, m, path, pool_names)
+    weight = r.integer(
+        m, "weight", path, 1, MAX_WEIGHT, REQUIRED, " (a share of traffic; remove the entry for 0)"
+    )
+    if pool is None or weight is None:
+        return None
+    return SplitTarget(pool, weight)
+
+
+def _read_listener(r: Reader, value: object, path: str, pool_names: set[str]) -> Listener | None:
+    m = r.mapping(value, path, _LISTENER_KEYS)
+    if m is None:
+        return None
+    name = r.name(m, path)
+    port = r.integer(m, "port", path, 1, 65535)
+    address = r.ip(m, "address", path, "0.0.0.0", "")
+    entries = [
+        (p, route)
+        for p, v in r.items(m, "routes", path)
+        if (route := _read_route(r, v, p, pool_names))
+    ]
+    r.duplicates(
+        ((p, route.model) for p, route in entries if route.model is not None),
+        "model",
+        "; the first route for a model takes all its requests",
+    )
+    routes = tuple(route for _, route in entries)
+    written = m.get("routes")
+    has_models = isinstance(written, list) and any(
+        isinstance(route, dict) and route.get("model") is not None for route in written
+    )
+    body_routing = r.value(m, "body_routing", path, BOOLEAN, has_models)
+    if body_routing and not has_models:
+        r.problem(
+            join(path, "body_routing"),
+            "body routing picks among model routes and this listener has none: add a "
+            "'model' route or set body_routing: false",
+        )
+    if name is None or port is None or address is None or body_routing is None:
+        return None
+    return Listener(name, port, address, routes, body_routing)
+
+
+def _read_body_router(r: Reader, top: dict) -> BodyRouterSettings:
+    """Defaults for an absent section, and for its parts that have problems (already recorded)."""
+    value = top.get("body_router")
+    m = {} if value is None else r.mapping(value, "body_router", _BODY_ROUTER_KEYS) or {}
+    path = "body_router"
+    default = BodyRouterSettings()
+    timeout = r.seconds(m, "timeout", path, default.timeout, 0.001, " (per message to the router)")
+    if timeout is not None and timeout > MAX_ROUTER_TIMEOUT:
+        r.problem(join(path, "timeout"), f"Envoy allows at most {MAX_ROUTER_TIMEOUT:g} seconds")
+    max_body = r.integer(
+        m,
+        "max_body_bytes",
+        path,
+        1024,
+        MAX_BODY_BYTES,
+        default.max_body_bytes,
+        " (the router reads a whole body in one message)",
+    )
+    return BodyRouterSettings(
+        address=r.ip(m, "address", path, None, ""),
+        port=r.integer(m, "port", path, 1, 65535, None),
+        timeout=timeout or default.timeout,
+        failure_mode=r.choice(m, "failure_mode", path, FAILURE_MODES) or default.failure_mode,
+        max_body_bytes=max_body or default.max_body_bytes,
+    )
+
+
+def _read_references(
+    r: Reader, m: dict, key: str, path: str, known: set[str], what: str
+) -> tuple[str, ...]:
+    names = []
+    for item_path, item in r.items(m, key, path):
+        if not isinstance(item, str):
+            r.problem(item_path, f"expected a {what} name, got {describe(item)}")
+        elif item not in known:
+            r.problem(item_path, unknown(what, item, known))
+        elif item in names:
+            r.problem(item_path, f"{what} {item!r} is listed twice")
+        else:
+            names.append(item)
+    return tuple(names)
+
+
+class _GroupEntry(NamedTuple):
+    path: str
+    group: NodeGroup  # pools holds only the extra pools until _complete_groups
+    cluster_paths: tuple[str, ...]
+
+
+def _read_group(
+    r: Reader, value: object, path: str, listener_names: set[str], pool_names: set[str]
+) -> _GroupEntry | None:
+    m = r.mapping(value, path, _GROUP_KEYS)
+    if m is None:
+        return None
+    name = r.name(m, path)
+    clusters = [
+        (p, c) for p, v in r.items(m, "node_clusters", path) if (c := _node_cluster(r, v, p))
+    ]
+    listeners = _read_references(r, m, "listeners", path, listener_names, "listener")
+    pools = _read_references(r, m, "pools", path, pool_names, "pool")
+    here = join(path, "node_clusters")
+    if name == DEFAULT_GROUP and m.get("node_clusters"):
+        r.problem(
+            here, "the 'default' group serves every node no other group lists; remove node_clusters"
+        )
+    elif name != DEFAULT_GROUP and not m.get("node_clusters"):
+        r.problem(
+            here, "required: the Envoy node.cluster values this group serves (a non-empty list)"
+        )
+    if name is None:
+        return None
+    group = NodeGroup(name, tuple(c for _, c in clusters), listeners, pools)
+    return _GroupEntry(path, group, tuple(p for p, _ in clusters))
+
+
+def _node_cluster(r: Reader, value: object, path: str) -> str | None:
+    if not isinstance(value, str):
+        r.problem(path, f"expected a node cluster name (a string), got {describe(value)}")
+        return None
+    return r.check_text(value, path)
+
+
+def _read_groups(
+    r: Reader, top: dict, listener_names: set[str], pool_names: set[str]
+) -> list[_GroupEntry]:
+    entries = [
+        e
+        for p, v in r.items(top, "node_groups", "")
+        if (e := _read_group(r, v, p, listener_names, pool_names))
+    ]
+    clusters = (
+        (p, c) for e in entries for p, c in zip(e.cluster_paths, e.group.node_clusters, strict=True)
+    )
+    r.duplicates(clusters, "node cluster", "; a node cluster belongs to one group only")
+    return entries
+
+
+def _complete_groups(
+    r: Reader, entries: list[_GroupEntry], listeners: list[tuple[str, Listener]], pools: list[Pool]
+) -> tuple[NodeGroup, ...]:
+    """Add routed pools to each group, add the implicit default group, and check binds."""
+    by_name = {listener.name: listener for _, listener in listeners}
+    groups: list[NodeGroup] = []
+    for entry in entries:
+        members = [by_name[name] for name in entry.group.listeners if name in by_name]
+        wanted = {pool for listener in members for route in listener.routes for pool in route.pools}
+        wanted.update(entry.group.pools)
+        group = replace(entry.group, pools=tuple(p.name for p in pools if p.name in wanted))
+        _check_binds(r, group.name, [(join(entry.path, "listeners"), x) for x in members], "")
+        groups.append(group)
+    if not any(group.name == DEFAULT_GROUP for group in groups):
+        names = tuple(listener.name for _, listener in listeners)
+        groups.append(NodeGroup(DEFAULT_GROUP, (), names, tuple(p.name for p in pools)))
+        hint = "; or define node groups, with a 'default' group for every other node"
+        _check_binds(r, DEFAULT_GROUP, listeners, hint)
+    groups.sort(key=lambda group: group.name == DEFAULT_GROUP)
+    return tuple(groups)
+
+
+def _check_binds(r: Reader, group: str, listeners: list[tuple[str, Listener]], hint: str) -> None:
+    """One Envoy cannot bind the same address and port twice."""
+    first: dict[tuple[str, int], str] = {}
+    for path, listener in listeners:
+        bind = (listener.address, listener.port)
+        if bind in first:
+            r.problem(
+                path,
+                f"listeners {first[bind]!r} and {listener.name!r} both bind {Endpoint(*bind).key} "
+                f"in node group {group!r}: give one of them another port{hint}",
+            )
+        else:
+            first[bind] = listener.name
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _load_yaml(r: Reader, text: str) -> tuple[bool, Any]:
+    try:
+        return True, yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        path = f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        context = f" ({err.context})" if err.context else ""
+        r.problem(path, f"invalid YAML: {err.problem}{context}")
+    except yaml.YAMLError as err:
+        r.problem("", f"invalid YAML: {' '.join(str(err).split())}")
+    except Exception as err:  # PyYAML raises ValueError etc. for values like 2001-13-01
+        r.problem("", f"invalid YAML value: {err}")
+    return False, None
+
+
+def _read_config(r: Reader, document: object) -> Config | None:
+    top = r.mapping(document, "", _TOP_KEYS)
+    if top is None:
+        return None
+    pool_names = declared_names(top.get("pools"))
+    listener_names = declared_names(top.get("listeners"))
+    listeners = [
+        (p, x)
+        for p, v in r.items(top, "listeners", "")
+        if (x := _read_listener(r, v, p, pool_names))
+    ]
+    pools = [(p, pool) for p, v in r.items(top, "pools", "") if (pool := _read_pool(r, v, p))]
+    entries = _read_groups(r, top, listener_names, pool_names)
+    raw = read_raw(r, top, {"pools": pool_names, "listeners": listener_names})
+    for section in ("listeners", "pools", "node_groups"):
+        r.duplicates(
+            name_entries(top.get(section), section), f"{section[:-1].replace('_', ' ')} name"
+        )
+    pool_list = [pool for _, pool in pools]
+    groups = _complete_groups(r, entries, listeners, pool_list)
+    body_router = _read_body_router(r, top)
+    return Config(
+        r.source, tuple(x for _, x in listeners), tuple(pool_list), groups, raw, body_router
+    )
+
+
+def parse_endpoint(value: object, source: str) -> Endpoint:
+    """One endpoint in the file's own form and rules (the admin API adds endpoints with it);
+    raises SnapshotError naming each problem by key (`port`, `address`, ...)."""
+    r = Reader(source)
+    endpoint = _read_endpoint(r, value, "")
+    if r.problems or endpoint is None:
+        raise SnapshotError(r.problems)
+    return endpoint
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parse and validate a snapshot document; raises SnapshotError naming every problem."""
+    r = Reader(source)
+    loaded, document = _load_yaml(r, text)
+    config = _read_config(r, document) if loaded else None
+    if r.problems or config is None:
+        raise SnapshotError(r.problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a snapshot file; an unreadable file is a SnapshotError too."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 text ({err.reason})"
+        raise SnapshotError([Problem(source, "(file)", f"cannot read the file: {reason}")]) from err
+    return parse_config(text, source)

@@ -1,0 +1,37 @@
+"""The one way this product starts a gRPC server (xDS + LRS, and the body router).
+
+Shared so that every port gets the same message limits and keepalive, and so that a
+port already in use is an error rather than a silently shared socket.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+#: Options for every gRPC server of ours: large LRS reports (a node is ~61 KB),
+#: and keepalive so a vanished client's stream is noticed and freed.
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_concurrent_streams", 0x7FFFFFFF),
+    # grpc turns SO_REUSEPORT on by default: a second server on a busy port would bind
+    # silently and share its clients. A port in use must be an error instead.
+    ("grpc.so_reuseport", 0),
+)
+
+
+async def start_grpc_server(
+    handlers: list[grpc.GenericRpcHandler], host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server on host:port; returns it and the bound port (0 picks one)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers(handlers)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}: is the port in use?")
+    await server.start()
+    return server, bound

@@ -1,0 +1,181 @@
+"""Incremental (Delta) xDS: per-resource versions, subscribe/unsubscribe, removals.
+
+The server tracks, per client and type, which version of each resource the
+client holds; a response carries exactly the resources whose version differs
+and the names the client holds that no longer exist. On reconnect the client's
+``initial_resource_versions`` seed that record, so nothing it already has is
+sent again (versions are content hashes, stable across server restarts).
+
+Subscription changes in a request always apply, even when its nonce is stale:
+unlike SotW, a delta request that is dropped is lost for good. A NACKed
+resource version is not re-sent until it changes; after a CDS response that
+updates clusters their endpoints are re-sent, because Envoy does not ask again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from xds_server.xds import typeurls
+from xds_server.xds.cache import Resource, TypeSnapshot, join_chunks
+from xds_server.xds.clients import Nack
+from xds_server.xds.sotw import CONTROL_PLANE
+from xds_server.xds.stream import Stream, next_nonce
+
+
+@dataclass(slots=True)
+class _InFlight:
+    nonce: str
+    version: str
+    previous: dict[str, str | None]  # what the client held before, to undo on NACK
+    sent: dict[str, str]
+
+
+@dataclass(slots=True)
+class DeltaTypeState:
+    """One client's subscription and holdings for one type."""
+
+    type_url: str
+    names: set[str] = field(default_factory=set)
+    wildcard: bool = False
+    requested: bool = False
+    dirty: bool = True  # something besides the snapshot changed since the last look
+    held: dict[str, str] = field(default_factory=dict)  # name -> version the client has
+    in_flight: _InFlight | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+    resend: set[str] = field(default_factory=set)
+
+    def apply(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        if not self.requested:
+            self.requested = True
+            self.held.update(request.initial_resource_versions)
+            if self.type_url in typeurls.FULL_STATE and not request.resource_names_subscribe:
+                self.wildcard = True  # legacy wildcard: first request subscribes to nothing
+        for name in request.resource_names_subscribe:
+            if name == "*":
+                self.wildcard = True
+            else:
+                self.names.add(name)
+        for name in request.resource_names_unsubscribe:
+            if name == "*":
+                self.wildcard = False
+            else:
+                self.names.discard(name)
+                self.held.pop(name, None)
+
+    def to_send(self, snapshot: TypeSnapshot) -> tuple[dict[str, Resource], list[str]] | None:
+        """(updated resources, removed names) for the next response, or None."""
+        if not self.requested or self.in_flight is not None:
+            return None
+        resources = snapshot.resources
+        chosen = (
+            resources if self.wildcard else {n: resources[n] for n in self.names if n in resources}
+        )
+        updated = {
+            n: r
+            for n, r in chosen.items()
+            if (self.held.get(n) != r.version or n in self.resend)
+            and self.rejected.get(n) != r.version
+        }
+        removed = sorted(n for n in self.held if n not in chosen)
+        if not updated and not removed:
+            return None
+        return updated, removed
+
+
+class DeltaStream(Stream):
+    """A Delta stream (ADS or one type)."""
+
+    protocol = "delta"
+
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        self.identify(request.node, request.HasField("node"))
+        type_url = self.type_of(request.type_url)
+        if type_url is None:
+            return
+        state = self.states.get(type_url) or self.states.setdefault(
+            type_url, DeltaTypeState(type_url)
+        )
+        changes_subscription = bool(
+            not state.requested
+            or request.resource_names_subscribe
+            or request.resource_names_unsubscribe
+        )
+        state.apply(request)
+        if changes_subscription:
+            status = self.client.status(type_url)
+            status.subscribed = None if state.wildcard else sorted(state.names)
+        acked = False
+        if state.in_flight is not None and request.response_nonce == state.in_flight.nonce:
+            acked = self._settle(state, request)
+        if changes_subscription or not acked:
+            state.dirty = True
+
+    def _settle(self, state: DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
+        """Record the ACK or NACK of the response in flight; True for an ACK."""
+        in_flight, state.in_flight = state.in_flight, None
+        assert in_flight is not None
+        status = self.client.status(state.type_url)
+        if request.HasField("error_detail"):
+            for name, version in in_flight.previous.items():
+                if version is None:
+                    state.held.pop(name, None)
+                else:
+                    state.held[name] = version
+            state.rejected.update(in_flight.sent)
+            status.last_nack = Nack(
+                in_flight.version, in_flight.nonce, request.error_detail.message, time.time()
+            )
+            return False
+        status.acked_version, status.acked_at = in_flight.version, time.time()
+        status.synced_version = in_flight.version  # it held all the client lacked then
+        return True
+
+    def respond(self, state: DeltaTypeState, snapshot: TypeSnapshot) -> bytes | None:
+        change = state.to_send(snapshot)
+        if change is None:
+            return None
+        updated, removed = change
+        if state.type_url == typeurls.CLUSTER:
+            self._resend_endpoints_of_updated(state, updated)
+        return self._response(state, snapshot.version, updated, removed)
+
+    def _response(
+        self,
+        state: DeltaTypeState,
+        version: str,
+        updated: dict[str, Resource],
+        removed: list[str],
+    ) -> bytes:
+        nonce = next_nonce()
+        previous = {n: state.held.get(n) for n in (*updated, *removed)}
+        sent = {n: r.version for n, r in updated.items()}
+        state.in_flight = _InFlight(nonce, version, previous, sent)
+        state.held.update(sent)
+        for name in removed:
+            state.held.pop(name, None)
+        state.resend.difference_update(updated)
+        status = self.client.status(state.type_url)
+        status.sent_version, status.sent_at = version, time.time()
+        status.responses += 1
+        header = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version,
+            type_url=state.type_url,
+            nonce=nonce,
+            removed_resources=removed,
+            control_plane=CONTROL_PLANE,
+        )
+        return join_chunks((r.delta_chunk for r in updated.values()), header)
+
+    def _resend_endpoints_of_updated(
+        self, clusters: DeltaTypeState, updated: dict[str, Resource]
+    ) -> None:
+        """Envoy re-creates an updated EDS cluster and, in Delta, never asks for its endpoints."""
+        endpoints = self.states.get(typeurls.ENDPOINT)
+        known = [n for n in updated if clusters.held.get(n) is not None]
+        if endpoints is not None and known:
+            endpoints.resend.update(known)
+            endpoints.dirty = True

@@ -1,0 +1,99 @@
+"""gRPC wiring: the ADS and per-type discovery services, all on one resource cache.
+
+Handlers are registered generically with an identity response serializer: the
+protocol code hands over finished bytes built from pre-encoded chunks, so no
+response is re-encoded per stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from xds_server.xds import typeurls
+from xds_server.xds.cache import SnapshotCache, join_chunks
+from xds_server.xds.clients import ClientRegistry
+from xds_server.xds.delta import DeltaStream
+from xds_server.xds.sotw import CONTROL_PLANE, SotwStream, SotwTypeState
+from xds_server.xds.stream import Stream, serve
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+#: gRPC service name, method stem (Stream{stem} / Delta{stem} / Fetch{stem}) and type served.
+PER_TYPE_SERVICES = (
+    ("envoy.service.cluster.v3.ClusterDiscoveryService", "Clusters", typeurls.CLUSTER),
+    ("envoy.service.endpoint.v3.EndpointDiscoveryService", "Endpoints", typeurls.ENDPOINT),
+    ("envoy.service.listener.v3.ListenerDiscoveryService", "Listeners", typeurls.LISTENER),
+    ("envoy.service.route.v3.RouteDiscoveryService", "Routes", typeurls.ROUTE),
+)
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+class DiscoveryServices:
+    """Builds the gRPC handlers for every discovery service over one cache."""
+
+    def __init__(self, cache: SnapshotCache, registry: ClientRegistry) -> None:
+        self.cache = cache
+        self.registry = registry
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        ads = {
+            "StreamAggregatedResources": self._stream_handler(SotwStream, "ads", None),
+            "DeltaAggregatedResources": self._stream_handler(DeltaStream, "ads", None),
+        }
+        handlers = [grpc.method_handlers_generic_handler(ADS_SERVICE, ads)]
+        for service, stem, type_url in PER_TYPE_SERVICES:
+            short = typeurls.SHORT_NAMES[type_url]
+            methods = {
+                f"Stream{stem}": self._stream_handler(SotwStream, short, type_url),
+                f"Delta{stem}": self._stream_handler(DeltaStream, short, type_url),
+                f"Fetch{stem}": grpc.unary_unary_rpc_method_handler(
+                    self._fetcher(type_url),
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_identity,
+                ),
+            }
+            handlers.append(grpc.method_handlers_generic_handler(service, methods))
+        return handlers
+
+    def _stream_handler(
+        self, kind: type[Stream], service: str, type_url: str | None
+    ) -> grpc.RpcMethodHandler:
+        request_type = (
+            discovery_pb2.DeltaDiscoveryRequest
+            if kind is DeltaStream
+            else discovery_pb2.DiscoveryRequest
+        )
+
+        async def handle(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
+            stream = kind(self.cache, self.registry, service, type_url, context.peer())
+            await serve(stream, requests, context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            handle, request_deserializer=request_type.FromString, response_serializer=_identity
+        )
+
+    def _fetcher(self, type_url: str) -> Callable:
+        """REST-style one-shot fetch: the current resources, no state kept."""
+
+        async def fetch(
+            request: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext
+        ) -> bytes:
+            group = self.cache.group_for(request.node.cluster)
+            snapshot = group.of_type(type_url)
+            state = SotwTypeState(type_url)
+            state.subscribe(list(request.resource_names))
+            wanted = state.wanted(snapshot)
+            if request.version_info == snapshot.version:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "not modified")  # no change
+            header = discovery_pb2.DiscoveryResponse(
+                version_info=snapshot.version, type_url=type_url, control_plane=CONTROL_PLANE
+            )
+            return join_chunks((r.sotw_chunk for r in wanted.values()), header)
+
+        return fetch

@@ -1,0 +1,176 @@
+"""What SotW and Delta streams share: identifying the node, waking up, the serve loop.
+
+A stream is a small state machine fed by two things: requests from its client
+and wake-ups from the cache. Both only mark it dirty; one writer loop then asks
+the protocol logic what to send. So however many changes pile up while a write
+is in flight, they leave at most one response per type behind it (coalesced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+
+from xds_server.xds import typeurls
+from xds_server.xds.cache import EMPTY_GROUP, GroupSnapshot, SnapshotCache, Subscriber, TypeSnapshot
+from xds_server.xds.clients import Client, ClientRegistry
+
+log = logging.getLogger(__name__)
+
+_nonces = itertools.count(1)
+
+
+def next_nonce() -> str:
+    """Nonces are unique per process, so a reply to an old response is always told apart."""
+    return str(next(_nonces))
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
+
+
+class Stream(Subscriber):
+    """State of one xDS stream, independent of the wire."""
+
+    protocol = ""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        registry: ClientRegistry,
+        service: str,
+        fixed_type: str | None = None,
+        peer: str = "",
+    ) -> None:
+        self.cache = cache
+        self.fixed_type = fixed_type
+        self.client: Client = registry.open(self.protocol, service, peer)
+        self.wakeup = asyncio.Event()
+        self.states: dict[str, Any] = {}  # type URL -> the protocol's per-type state
+        self._registry = registry
+        self._warned_types: set[str] = set()
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    def close(self) -> None:
+        self._registry.close(self.client)
+
+    @property
+    def group(self) -> GroupSnapshot | None:
+        """The node's group as of now: a reload may move a node.cluster to another group."""
+        if not self.client.node_id:
+            return None
+        group = self.cache.group_for(self.client.node_cluster)
+        if group is EMPTY_GROUP:
+            return None
+        self.client.group = group.name
+        return group
+
+    def types_in_order(self) -> Sequence[str]:
+        return (self.fixed_type,) if self.fixed_type else typeurls.ORDER
+
+    def identify(self, node: base_pb2.Node, has_node: bool) -> None:
+        if has_node and not self.client.node_id:
+            if not node.id:
+                raise ProtocolError("node.id is empty: set node.id in the client's bootstrap")
+            self.client.node_id = node.id
+            self.client.node_cluster = node.cluster
+            self.client.user_agent = f"{node.user_agent_name} {node.user_agent_version}".strip()
+        elif not self.client.node_id:
+            raise ProtocolError("the first request on a stream must carry the node")
+
+    def type_of(self, requested: str) -> str | None:
+        """The request's type URL, or None for a type this server does not serve."""
+        type_url = requested or (self.fixed_type or "")
+        if self.fixed_type and type_url != self.fixed_type:
+            raise ProtocolError(f"type_url {type_url!r} on a {self.fixed_type} stream")
+        if type_url not in typeurls.ORDER:
+            if type_url not in self._warned_types:
+                self._warned_types.add(type_url)
+                log.info("node %s asked for unserved type %r", self.client.node_id, type_url)
+            return None
+        return type_url
+
+    def on_request(self, request: Any) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def respond(self, state: Any, snapshot: TypeSnapshot) -> bytes | None:  # pragma: no cover
+        """The next response for one type, or None when this client needs nothing now."""
+        raise NotImplementedError
+
+    def responses(self) -> list[bytes]:
+        """What to write now, in ADS order.
+
+        A type found with nothing to send and nothing in flight is synced at the
+        snapshot's version; until a request or a resend marks it dirty again, a
+        wake-up at that same version skips it without looking at its resources
+        (the common case when a change touches one type of many streams).
+        """
+        group = self.group
+        if group is None:
+            return []
+        out = []
+        for type_url in self.types_in_order():
+            state = self.states.get(type_url)
+            if state is None or not state.requested:
+                continue
+            snapshot = group.of_type(type_url)
+            status = self.client.status(type_url)
+            if not state.dirty and status.synced_version == snapshot.version:
+                continue
+            state.dirty = False
+            payload = self.respond(state, snapshot)
+            if payload is not None:
+                out.append(payload)
+            elif state.in_flight is None:
+                status.synced_version = snapshot.version
+        return out
+
+
+class Context(Protocol):
+    async def write(self, message: bytes) -> None: ...
+    async def abort(self, code: grpc.StatusCode, details: str) -> None: ...
+
+
+async def serve(stream: Stream, requests: AsyncIterator[Any], context: Context) -> None:
+    """Run one stream until the client goes away; never raises for client behaviour."""
+    failure: list[ProtocolError] = []
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                stream.on_request(request)
+                stream.notify()
+        except ProtocolError as err:
+            failure.append(err)
+        except grpc.RpcError as err:
+            log.debug("stream %s: read ended: %s", stream.client.stream_id, err)
+        finally:
+            stream.notify()
+
+    stream.cache.subscribe(stream)
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            await stream.wakeup.wait()
+            stream.wakeup.clear()
+            if failure:
+                log.warning("stream %s: %s", stream.client.stream_id, failure[0])
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure[0]))
+                return
+            pending = stream.responses()
+            while pending:  # hold no reference to written bytes while idle (memory per stream)
+                await context.write(pending.pop(0))
+            if reader.done():
+                return
+    finally:
+        reader.cancel()
+        stream.cache.unsubscribe(stream)
+        stream.close()
