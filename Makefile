@@ -12,16 +12,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/ruff check xds_server lrs xds_lab tests bench
+test: lint
 	$(BIN)/pytest -q
 
 demo: $(STAMP)
 	$(BIN)/xds-lab demo
 
+# Style, types (strict on the product) and the import contracts (pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check xds_server lrs xds_lab tests bench
 	$(BIN)/ruff format --check xds_server lrs xds_lab tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench-fanout: $(STAMP)
 	$(BIN)/python bench/fanout.py

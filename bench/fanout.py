@@ -40,12 +40,13 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
+from lrs.contract import raw_bytes
 from xds_server.config.reader import parse_config
 from xds_server.config.types import Pool
 from xds_server.grpc_server import SERVER_OPTIONS, start_grpc_server
 from xds_server.resources.build import build_all, cluster_load_assignment
 from xds_server.xds import typeurls
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.services import DiscoveryServices
 
@@ -62,10 +63,6 @@ TARGET_EDIT_TO_FIRST_MS = 200.0
 PHASE_TIMEOUT = 120.0
 KIB, MIB = 1024, 1024 * 1024
 SCRIPT = str(Path(__file__).resolve())
-
-
-def _identity(payload: bytes) -> bytes:
-    return payload
 
 
 # --- the fleet: a snapshot file, through the real model -> resources path -------------
@@ -135,10 +132,10 @@ def exit_without_goaway() -> NoReturn:
 
 
 class ServerUnderTest:
-    """Our SnapshotCache + DiscoveryServices, with edits the way the config side makes them.
+    """Our ResourceCache + DiscoveryServices, with edits the way the config side makes them.
 
     ``edit-one`` is the weight path (update_resources, one pool), ``edit-all`` a
-    snapshot reload in which every pool's weights changed (set_snapshot).
+    snapshot reload in which every pool's weights changed (set_all).
     Messages are built before the clock starts: building them is the config
     side's job, serving them is what is measured.
     """
@@ -146,10 +143,10 @@ class ServerUnderTest:
     def __init__(self, pools: int, endpoints: int) -> None:
         self.config = parse_config(snapshot_yaml(pools, endpoints), "bench")
         self.group = self.config.group_for("bench").name
-        self.cache = SnapshotCache()
+        self.cache = ResourceCache()
         self.registry = ClientRegistry()
         self.edits = 0
-        self.cache.set_snapshot(build_all(self.config), self.resolve)
+        self.cache.set_all(build_all(self.config), self.resolve)
 
     def resolve(self, node_cluster: str) -> str:
         return self.config.group_for(node_cluster).name
@@ -169,7 +166,7 @@ class ServerUnderTest:
             self.config = replace(self.config, pools=pools)
             messages = build_all(self.config)
             at = time.monotonic()
-            self.cache.set_snapshot(messages, self.resolve)
+            self.cache.set_all(messages, self.resolve)
         else:
             raise ValueError(f"unknown command {command!r}")
         return {"at": at}
@@ -210,7 +207,7 @@ class RawFanout:
         method = grpc.stream_stream_rpc_method_handler(
             self.serve,
             request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-            response_serializer=_identity,
+            response_serializer=raw_bytes,
         )
         return grpc.method_handlers_generic_handler(
             ADS_SERVICE, {"StreamAggregatedResources": method}
@@ -338,7 +335,7 @@ class AdsCall:
 
     def __init__(self, channel: grpc.aio.Channel, node_id: str, eds_names: bytes) -> None:
         self.call = channel.stream_stream(
-            ADS_METHOD, request_serializer=_identity, response_deserializer=_identity
+            ADS_METHOD, request_serializer=raw_bytes, response_deserializer=raw_bytes
         )()
         self.node_id = node_id
         self.eds_names = eds_names

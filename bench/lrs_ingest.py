@@ -43,6 +43,7 @@ from fanout import (
     pool_name,
 )
 
+from lrs.contract import raw_bytes
 from lrs.load_reporting_service import METHOD, SERVICE, LoadReportingService
 from lrs.load_store import SLICE_STATS, LoadStore
 from lrs.wire import TrimmedReport
@@ -65,10 +66,6 @@ STREAMS_PER_CHANNEL = 10
 PHASE_TIMEOUT = 60.0
 SCRIPT = str(Path(__file__).resolve())
 KB = 1000
-
-
-def _identity(payload: bytes) -> bytes:
-    return payload
 
 
 # --- what Envoy sends ------------------------------------------------------------------
@@ -184,7 +181,7 @@ class RawLrs:
         method = grpc.stream_stream_rpc_method_handler(
             self.serve,
             request_deserializer=lrs_pb2.LoadStatsRequest.FromString,
-            response_serializer=_identity,
+            response_serializer=raw_bytes,
         )
         return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
 
@@ -280,7 +277,7 @@ class Reporters:
 async def handshake(channel: grpc.aio.Channel, node_id: str) -> grpc.aio.StreamStreamCall:
     """Open an LRS stream as Envoy does: the node first, then the server's answer."""
     call = channel.stream_stream(
-        STREAM_METHOD, request_serializer=_identity, response_deserializer=_identity
+        STREAM_METHOD, request_serializer=raw_bytes, response_deserializer=raw_bytes
     )()
     await call.write(first_message(node_id))
     if await call.read() is grpc.aio.EOF:

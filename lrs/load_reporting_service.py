@@ -26,13 +26,14 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
 import grpc
 from envoy.service.load_stats.v3 import lrs_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
+from lrs.contract import raw_bytes
 from lrs.load_store import SLICE_STATS, LoadStore, Report
 from lrs.pacing import IntervalGovernor
 from lrs.wire import TrimmedReport
@@ -47,10 +48,6 @@ MAX_NODE_ID: Final = 256
 REASK_AFTER: Final = 2.0
 
 _streams = itertools.count(1)
-
-
-def _identity(payload: bytes) -> bytes:
-    return payload
 
 
 class _Stream:
@@ -134,7 +131,7 @@ class LoadReportingService:
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         method = grpc.stream_stream_rpc_method_handler(
             self._serve,
-            request_deserializer=_identity,  # parsed in _read: the first message differently
+            request_deserializer=raw_bytes,  # parsed in _read: the first message differently
             response_serializer=lrs_pb2.LoadStatsResponse.SerializeToString,
         )
         return [grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})]
@@ -238,7 +235,8 @@ class LoadReportingService:
 
     def _parse(self, stream: _Stream, payload: bytes) -> Report | None:
         try:
-            return TrimmedReport.FromString(payload)
+            # TrimmedReport is built at import time, so its type is only known as Message.
+            return cast(Report, TrimmedReport.FromString(payload))
         except DecodeError:
             self.reports_rejected += 1
             log.debug("LRS stream %d: unparseable report of %d bytes", stream.id, len(payload))

@@ -6,15 +6,9 @@ reports the same endpoints, so the store merges them: rates add up, metric means
 weighted by how many requests carried the metric, and in-flight levels add up over each
 reporter's latest report. Nothing of a report is kept but those sums.
 
-Why fixed time buckets and not a list of samples: 1,000 Envoys reporting every second
-put 5,000 samples per endpoint into a 5 s window. A ring of buckets, each summing every
-reporter's deltas that arrived during it, keeps an ingest at one addition per value and
-a read at one pass over the ring, whatever the fleet size.
-
-Why levels are kept per (reporter, cluster): Envoy lists an endpoint (or a locality) in
-a cluster's report only when something happened on it, so one missing from a reporter's
-latest report of the cluster is idle as far as that reporter knows. Each report of a
-cluster therefore replaces that reporter's previous levels wholesale.
+The state the store merges into (per cluster: a ring of time buckets per endpoint and
+locality, each reporter's latest levels, the time reports covered) and why it is shaped
+so are in `lrs.load_window`; this module decides what of a report to believe and merges it.
 
 Bad input never raises: values that are NaN, infinite, negative or absurd are dropped and
 counted in `dropped_values` by reason; input the store does not track (unknown clusters or
@@ -29,12 +23,12 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from operator import attrgetter
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
-from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import load_report_pb2
-from google.protobuf.message import DecodeError, Message
+from google.protobuf import duration_pb2
 
+from lrs.load_window import Addresses, Cluster, Reporter, ReporterState, Series, endpoint_address
 from lrs.weights.signals import EndpointLoad
 from lrs.wire import TrimmedReport
 
@@ -50,8 +44,6 @@ MAX_NAME: Final = 256
 #: Plausible `load_report_interval` range in seconds; Envoy measures it, so outside is bad.
 MIN_INTERVAL: Final = 0.001
 MAX_INTERVAL: Final = 3600.0
-#: Floor of the time span rates are divided by.
-MIN_SPAN: Final = 0.001
 #: Locality-level ORCA fields of UpstreamLocalityStats, kept under their metric names.
 UNNAMED_METRICS: Final = ("cpu_utilization", "mem_utilization", "application_utilization")
 _UTILIZATION_HINTS: Final = ("util", "usage", "perc")
@@ -82,254 +74,20 @@ class Report(Protocol):
     @property
     def cluster_stats(self) -> Iterable[Any]: ...
 
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
-def trimmed(request: Report) -> Message:
+
+def trimmed(request: Report) -> Report:
     """The report as a TrimmedReport, the only shape the merge reads."""
     if isinstance(request, TrimmedReport):
         return request
-    return TrimmedReport.FromString(request.SerializeToString())  # type: ignore[attr-defined]
-
-
-def endpoint_address(key: str) -> tuple[str, int] | None:
-    """("address", port) of an "address:port" or "[v6 address]:port" key, as LRS carries it."""
-    host, colon, port = key.rpartition(":")
-    if not colon or not port.isdigit():
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    # TrimmedReport's class is made at run time: statically a bare Message, without fields.
+    return cast(Report, TrimmedReport.FromString(request.SerializeToString()))
 
 
 def is_utilization(metric_name: str) -> bool:
     """Utilization-like metrics (cpu_utilization, kv_cache_usage_perc) are at most 100."""
     return any(hint in metric_name for hint in _UTILIZATION_HINTS)
-
-
-class _Bucket:
-    """What every reporter said about one series during one bucket of time."""
-
-    __slots__ = ("error", "index", "issued", "metrics", "success")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.success = 0
-        self.error = 0
-        self.issued = 0
-        #: metric name -> [requests finished with the metric, sum of its values]
-        self.metrics: dict[str, list[float]] = {}
-
-    def absorb(self, other: _Bucket) -> None:
-        """Add another bucket's sums to this one (buckets merging when the window widens)."""
-        self.success += other.success
-        self.error += other.error
-        self.issued += other.issued
-        for name, (num, total) in other.metrics.items():
-            found = self.metrics.setdefault(name, [0, 0.0])
-            found[0] += num
-            found[1] += total
-
-
-class _Series:
-    """One endpoint's or one locality's load: a ring of buckets plus live levels."""
-
-    __slots__ = ("in_progress", "key", "last_index", "last_seen", "names", "reporters", "ring")
-
-    def __init__(self, key: str, buckets: int) -> None:
-        self.key = key
-        self.ring: list[_Bucket | None] = [None] * buckets
-        #: metric name -> the last bucket index it arrived in (the per-series name cap).
-        self.names: dict[str, int] = {}
-        self.last_seen = -math.inf
-        self.last_index = -(2**62)
-        #: Sum over live reporter states of the level each reported last.
-        self.in_progress = 0
-        #: Live reporter states whose latest report listed this series.
-        self.reporters = 0
-
-    def bucket(self, index: int) -> _Bucket:
-        """The bucket for time index `index`, recycling the slot it displaces."""
-        slot = index % len(self.ring)
-        bucket = self.ring[slot]
-        if bucket is None or bucket.index != index:
-            bucket = self.ring[slot] = _Bucket(index)
-        return bucket
-
-    def refile(self, index_of: Callable[[int], int]) -> None:
-        """Move every bucket to its new time index (see LoadStore.set_window)."""
-        ring: list[_Bucket | None] = [None] * len(self.ring)
-        for bucket in sorted((b for b in self.ring if b is not None), key=lambda b: b.index):
-            bucket.index = index_of(bucket.index)
-            slot = bucket.index % len(ring)
-            found = ring[slot]
-            if found is not None and found.index == bucket.index:
-                found.absorb(bucket)
-            else:
-                ring[slot] = bucket  # a newer bucket displaces an older one
-        self.ring = ring
-        self.names = {name: index_of(last) for name, last in self.names.items()}
-        self.last_index = index_of(self.last_index)
-
-    def admit(self, name: str, index: int, oldest: int, cap: int) -> bool:
-        """Whether a metric name may start a sum in bucket `index`: at most `cap` live names."""
-        names = self.names
-        if name not in names and len(names) >= cap:
-            for stale in [n for n, last in names.items() if last < oldest]:
-                del names[stale]
-            if len(names) >= cap:
-                return False
-        names[name] = index
-        return True
-
-    def read(self, oldest: int, newest: int, span: float, now: float) -> EndpointLoad:
-        """The merged load over buckets oldest..newest; counts become rates over `span`."""
-        success = error = issued = 0
-        sums: dict[str, list[float]] = {}
-        for bucket in self.ring:
-            if bucket is None or not oldest <= bucket.index <= newest:
-                continue
-            success += bucket.success
-            error += bucket.error
-            issued += bucket.issued
-            for name, (num, total) in bucket.metrics.items():
-                found = sums.get(name)
-                if found is None:
-                    sums[name] = [num, total]
-                else:
-                    found[0] += num
-                    found[1] += total
-        return EndpointLoad(
-            rps=(success + error) / span,
-            error_rps=error / span,
-            issued_rps=issued / span,
-            in_progress=float(self.in_progress),
-            metrics={name: total / num for name, (num, total) in sums.items()},
-            age=max(0.0, now - self.last_seen),
-            reporters=self.reporters,
-        )
-
-
-class _ReporterState:
-    """One reporter's latest report of one cluster: when it came, and the levels it listed."""
-
-    __slots__ = ("levels", "time")
-
-    def __init__(self) -> None:
-        self.time = -math.inf
-        self.levels: dict[_Series, int] = {}
-
-    def replace(self, levels: dict[_Series, int], now: float) -> None:
-        """Swap in a new report's levels, keeping each series' sums over reporters exact."""
-        previous = self.levels
-        for series, level in levels.items():
-            before = previous.pop(series, None)
-            if before is None:
-                series.reporters += 1
-                series.in_progress += level
-            else:
-                series.in_progress += level - before
-        for series, before in previous.items():
-            series.reporters -= 1
-            series.in_progress -= before
-        self.levels = levels
-        self.time = now
-
-    def release(self) -> None:
-        """Take this reporter's levels out of every series it listed."""
-        self.replace({}, self.time)
-
-
-class _Addresses(dict[bytes, "_Series | None"]):
-    """Serialized Address submessage -> the known endpoint it names (None: not known).
-
-    Reports name the same endpoints by the same bytes every time, so each address is
-    decoded once; a lookup is then one dict access in C. Bounded: cleared when full.
-    """
-
-    __slots__ = ("endpoints", "limit")
-
-    def __init__(self, endpoints: dict[tuple[str, int], _Series]) -> None:
-        super().__init__()
-        self.endpoints = endpoints
-        self.limit = 2 * len(endpoints) + 64
-
-    def __missing__(self, wire: bytes) -> _Series | None:
-        try:
-            socket = address_pb2.Address.FromString(wire).socket_address
-        except DecodeError:
-            series = None
-        else:
-            series = self.endpoints.get((socket.address, socket.port_value))
-        if len(self) >= self.limit:
-            self.clear()
-        self[wire] = series
-        return series
-
-
-class _Cluster:
-    """One tracked cluster: its known endpoints, its localities, and who reports it."""
-
-    __slots__ = ("addresses", "cover", "endpoints", "localities", "states")
-
-    def __init__(self, buckets: int) -> None:
-        self.endpoints: dict[tuple[str, int], _Series] = {}
-        self.addresses = _Addresses(self.endpoints)
-        self.localities: dict[str, _Series] = {}
-        #: reporter -> its latest report, least recently reported first.
-        self.states: dict[str, _ReporterState] = {}
-        #: Per bucket [index, sum of the report intervals that arrived in it].
-        self.cover: list[list[float] | None] = [None] * buckets
-
-    def expire(self, cutoff: float) -> None:
-        """Forget the levels of reporters that have not reported this cluster since cutoff."""
-        states = self.states
-        while states:
-            reporter, state = next(iter(states.items()))
-            if state.time >= cutoff:
-                return
-            del states[reporter]
-            state.release()
-
-    def refile(self, index_of: Callable[[int], int]) -> None:
-        """Move the cover and every series to new time indexes (see LoadStore.set_window)."""
-        cover: list[list[float] | None] = [None] * len(self.cover)
-        for entry in sorted((c for c in self.cover if c is not None), key=lambda c: c[0]):
-            index = index_of(int(entry[0]))
-            found = cover[index % len(cover)]
-            if found is not None and found[0] == index:
-                found[1] += entry[1]
-            else:
-                cover[index % len(cover)] = [index, entry[1]]
-        self.cover = cover
-        for series in (*self.endpoints.values(), *self.localities.values()):
-            series.refile(index_of)
-
-    def add_cover(self, index: int, interval: float) -> None:
-        slot = index % len(self.cover)
-        cover = self.cover[slot]
-        if cover is None or cover[0] != index:
-            self.cover[slot] = [index, interval]
-        else:
-            cover[1] += interval
-
-    def span(self, oldest: int, newest: int) -> float:
-        """Seconds the window's counts cover: the mean over live reporters of their intervals.
-
-        For one reporter that is exactly the time its reports in the window cover; for
-        several that joined at different times (or report out of phase) it is their mean,
-        so a reporter that just joined does not make the others' rates look smaller.
-        """
-        covered = sum(c[1] for c in self.cover if c is not None and oldest <= c[0] <= newest)
-        return max(covered / max(len(self.states), 1), MIN_SPAN)
-
-
-class _Reporter:
-    """A reporter the store knows: when it last reported, and which clusters it reported."""
-
-    __slots__ = ("clusters", "time")
-
-    def __init__(self) -> None:
-        self.time = -math.inf
-        self.clusters: set[str] = set()
 
 
 class LoadStore:
@@ -355,9 +113,9 @@ class LoadStore:
         self.max_localities = max_localities
         self._buckets = buckets
         self._width = window / buckets
-        self._clusters: dict[str, _Cluster] = {}
+        self._clusters: dict[str, Cluster] = {}
         #: reporter -> record, least recently reporting first.
-        self._reporters: dict[str, _Reporter] = {}
+        self._reporters: dict[str, Reporter] = {}
         self.reports = 0  # reports ingested (LoadStatsRequests)
         self.endpoint_stats = 0  # UpstreamEndpointStats of known endpoints ingested
         self.ignored: Counter[str] = Counter()  # untracked input: unknown names, past a cap
@@ -370,17 +128,17 @@ class LoadStore:
 
         Endpoints (and clusters) that stay keep their windows; removed ones are forgotten.
         """
-        fresh: dict[str, _Cluster] = {}
+        fresh: dict[str, Cluster] = {}
         for name, keys in clusters.items():
-            cluster = self._clusters.get(name) or _Cluster(self._buckets)
-            endpoints: dict[tuple[str, int], _Series] = {}
+            cluster = self._clusters.get(name) or Cluster(self._buckets)
+            endpoints: dict[tuple[str, int], Series] = {}
             for key in keys:
                 address = endpoint_address(key)
                 if address is not None:
                     found = cluster.endpoints.get(address)
-                    endpoints[address] = found or _Series(key, self._buckets)
+                    endpoints[address] = found or Series(key, self._buckets)
             cluster.endpoints = endpoints
-            cluster.addresses = _Addresses(endpoints)
+            cluster.addresses = Addresses(endpoints)
             fresh[name] = cluster
         self._clusters = fresh
 
@@ -459,7 +217,7 @@ class LoadStore:
             if state is not None:
                 state.release()
 
-    def _reporter(self, reporter: str, now: float) -> _Reporter | None:
+    def _reporter(self, reporter: str, now: float) -> Reporter | None:
         """The reporter's record, most recent last; None when at the cap with nobody idle."""
         reporters = self._reporters
         record = reporters.pop(reporter, None)
@@ -469,13 +227,13 @@ class LoadStore:
                 if reporters[oldest].time >= now - self.window:
                     return None
                 self.forget_reporter(oldest)
-            record = _Reporter()
+            record = Reporter()
         record.time = now
         reporters[reporter] = record
         return record
 
     def _ingest_cluster(
-        self, reporter: str, cluster: _Cluster, stats: Any, now: float, index: int, size: int
+        self, reporter: str, cluster: Cluster, stats: Any, now: float, index: int, size: int
     ) -> Iterator[int]:
         """Merge one ClusterStats, yielding the endpoint stats merged after each chunk."""
         oldest = index - self._buckets + 1
@@ -484,7 +242,7 @@ class LoadStore:
         # release it at a yield, and the replace below then starts from nothing.
         state = cluster.states.get(reporter)
         cluster.add_cover(index, self._interval(stats.load_report_interval, state, now))
-        levels: dict[_Series, int] = {}
+        levels: dict[Series, int] = {}
         for locality_stats in stats.upstream_locality_stats:
             locality = self._locality(cluster, locality_stats.locality.zone, oldest)
             if locality is not None:
@@ -499,15 +257,15 @@ class LoadStore:
                 if unknown:
                     self.ignored["unknown_endpoint"] += unknown
                 yield len(chunk)
-        state = cluster.states.pop(reporter, None) or _ReporterState()
+        state = cluster.states.pop(reporter, None) or ReporterState()
         state.replace(levels, now)
         cluster.states[reporter] = state
 
     def _merge(
         self,
         rows: Iterable[tuple[Any, int, int, int, int, Iterable[Any]]],
-        series_of: Callable[[Any], _Series | None],
-        levels: dict[_Series, int],
+        series_of: Callable[[Any], Series | None],
+        levels: dict[Series, int],
         now: float,
         index: int,
     ) -> int:
@@ -553,7 +311,9 @@ class LoadStore:
                 found[1] += total
         return unknown
 
-    def _interval(self, duration: Any, previous: _ReporterState | None, now: float) -> float:
+    def _interval(
+        self, duration: duration_pb2.Duration, previous: ReporterState | None, now: float
+    ) -> float:
         """The report's interval; if implausible, the time since the reporter's last one."""
         seconds = duration.seconds + duration.nanos * 1e-9
         if MIN_INTERVAL <= seconds <= MAX_INTERVAL:
@@ -563,7 +323,7 @@ class LoadStore:
             return now - previous.time
         return self.window
 
-    def _locality(self, cluster: _Cluster, zone: str, oldest: int) -> _Series | None:
+    def _locality(self, cluster: Cluster, zone: str, oldest: int) -> Series | None:
         """The zone's series, made on first sight; None past the cap or for a silly name."""
         series = cluster.localities.get(zone)
         if series is not None:
@@ -578,7 +338,7 @@ class LoadStore:
             if len(localities) >= self.max_localities:
                 self.ignored["locality_cap"] += 1
                 return None
-        series = localities[zone] = _Series(zone, self._buckets)
+        series = localities[zone] = Series(zone, self._buckets)
         return series
 
     def _drop_large(self, *counts: int) -> tuple[int, ...]:
@@ -586,7 +346,7 @@ class LoadStore:
         self.dropped_values["count_too_large"] += sum(count > MAX_COUNT for count in counts)
         return kept
 
-    def _admit(self, series: _Series, name: str, index: int, oldest: int, cap: int) -> bool:
+    def _admit(self, series: Series, name: str, index: int, oldest: int, cap: int) -> bool:
         """Whether a metric name new to the bucket may start a sum there; counts why not."""
         if not 0 < len(name) <= MAX_NAME:
             self.dropped_values["bad_name"] += 1
@@ -630,7 +390,7 @@ class LoadStore:
         return {} if found is None else self._read(found, found.localities.values(), now)
 
     def _read(
-        self, cluster: _Cluster, series: Iterable[_Series], now: float
+        self, cluster: Cluster, series: Iterable[Series], now: float
     ) -> dict[str, EndpointLoad]:
         newest = math.floor(now / self._width)
         oldest = newest - self._buckets + 1
@@ -661,7 +421,7 @@ class LoadStore:
         }
 
 
-def _same(series: _Series) -> _Series:
+def _same(series: Series) -> Series:
     return series
 
 

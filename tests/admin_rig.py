@@ -103,7 +103,9 @@ def served_endpoints(dump: dict[str, Any], pool: str = "llama") -> dict[str, str
     for locality in assignment.get("endpoints", []):
         for lb in locality["lb_endpoints"]:
             address = lb["endpoint"]["address"]["socket_address"]
-            out[f"{address['address']}:{address['port_value']}"] = lb.get("health_status", "")
+            host = address["address"]
+            host = f"[{host}]" if ":" in host else host  # IPv6: the admin API's key form
+            out[f"{host}:{address['port_value']}"] = lb.get("health_status", "")
     return out
 
 

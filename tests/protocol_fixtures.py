@@ -10,7 +10,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
 from xds_server.xds import typeurls
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 
 
 def cluster(name: str, timeout_s: int = 1) -> cluster_pb2.Cluster:
@@ -61,7 +61,7 @@ def group(
 
 
 def set_groups(
-    cache: SnapshotCache, groups: dict[str, dict], by_cluster: dict[str, str] | None = None
+    cache: ResourceCache, groups: dict[str, dict], by_cluster: dict[str, str] | None = None
 ) -> None:
     mapping = by_cluster or {}
-    cache.set_snapshot(groups, lambda node_cluster: mapping.get(node_cluster, "default"))
+    cache.set_all(groups, lambda node_cluster: mapping.get(node_cluster, "default"))

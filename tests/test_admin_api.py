@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.admin_rig import TOKEN, Admin, running, served_endpoints, snapshot_doc, write_doc
@@ -265,6 +265,7 @@ _endpoint_like = st.fixed_dictionaries(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(body=_endpoint_like | _json_values)
+@example(body={"address": "::1", "port": 4009})  # an IPv6 key is bracketed: [::1]:4009
 async def test_any_body_is_added_whole_or_refused_with_nothing_changed(
     api: tuple[ControlPlane, Admin], body: Any
 ):

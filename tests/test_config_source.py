@@ -9,10 +9,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xds_server.config.file_source import ConfigSource
+from xds_server.config.file_source import FileSource
 from xds_server.resources.publisher import Publisher
 from xds_server.xds import typeurls
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 
 VALID = {
     "listeners": [{"name": "l", "port": 10000, "routes": [{"prefix": "/", "pool": "p"}]}],
@@ -23,8 +23,8 @@ VALID = {
 async def test_valid_edit_is_published_invalid_edit_keeps_last_good(tmp_path: Path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(VALID))
-    cache = SnapshotCache()
-    source = ConfigSource(path, Publisher(cache))
+    cache = ResourceCache()
+    source = FileSource(path, Publisher(cache).publish_config)
     assert await source.load()
     first = cache.groups["default"].of_type(typeurls.ENDPOINT).version
     watcher = asyncio.create_task(source.watch(interval=0.02, settle=0.01))
@@ -87,8 +87,8 @@ def test_no_edit_can_break_serving(tmp_path: Path, mutation):
     """Whatever the edit, load() answers True or False and the cache keeps a good snapshot."""
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(VALID))
-    cache = SnapshotCache()
-    source = ConfigSource(path, Publisher(cache))
+    cache = ResourceCache()
+    source = FileSource(path, Publisher(cache).publish_config)
     assert asyncio.run(source.load())
     good = cache.groups
     where, value = mutation

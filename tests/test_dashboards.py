@@ -21,6 +21,7 @@ from tests.admin_rig import (
     write_doc,
 )
 from tests.xds_client import SotwClient, node
+from xds_lab.envoy_rig import node_in_sync
 from xds_server.xds.typeurls import ENDPOINT
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "xds-server.json"
@@ -71,10 +72,10 @@ async def test_every_queried_series_is_exposed(tmp_path: Path):
             client.request(ENDPOINT, ["llama"])
             first = await client.recv()
             client.ack(first, ["llama"])
-            await wait_for(lambda: plane.node_in_sync("edge"))
+            await wait_for(lambda: node_in_sync(plane, "edge"))
             assert (await admin.call("POST", f"/api/v1/pools/llama/endpoints/{A}/drain"))[0] == 200
             client.nack(await client.recv(), "rejected", first.version_info, ["llama"])
-            await wait_for(lambda: plane.node_in_sync("edge"))
+            await wait_for(lambda: node_in_sync(plane, "edge"))
             store = LoadStore()
             store.set_known({"llama": [A, B]})
             means = {9001: {KV: 0.5, QUEUE: 3.0}, 9002: {KV: 0.25}}

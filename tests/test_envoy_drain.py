@@ -19,6 +19,7 @@ import pytest
 
 from tests.admin_rig import TOKEN, Admin
 from tests.test_envoy_integration import Rig, rig  # noqa: F401 - the real-Envoy rig fixture
+from xds_lab.envoy_rig import converge
 
 pytestmark = pytest.mark.envoy
 NODE = "envoy-test"  # the rig's Envoy
@@ -42,7 +43,7 @@ async def set_drain(rig: Rig, admin: Admin, index: int, action: str = "drain") -
     key = f"127.0.0.1:{rig.upstreams[index].port}"
     status, body = await admin.call("POST", f"/api/v1/pools/llama/endpoints/{key}/{action}")
     assert status == 200, body
-    await rig.plane.converge(NODE, before)
+    await converge(rig.plane, NODE, before)
 
 
 async def test_drain_stops_traffic_and_undrain_restores_it(rig: Rig, admin: Admin):  # noqa: F811
@@ -89,7 +90,7 @@ async def test_drain_to_no_traffic_time(rig: Rig, admin: Admin):  # noqa: F811
             "POST", f"/api/v1/pools/llama/endpoints/127.0.0.1:{drained}/drain"
         )
         answered = time.monotonic()
-        await rig.plane.converge(NODE, before)
+        await converge(rig.plane, NODE, before)
         acked = time.monotonic()  # within the 5 ms converge() polls at
         await asyncio.sleep(0.5)
     finally:

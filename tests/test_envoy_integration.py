@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from xds_lab.envoy_process import EnvoyProcess
-from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_lab.envoy_rig import PlaneWithEnvoy, converge, free_port, local_settings
 from xds_lab.upstream import Upstream, start_upstreams
 from xds_server.app import ControlPlane
 from xds_server.xds import typeurls
@@ -48,7 +48,7 @@ class Rig:
         before = self.plane.cache.generation
         change(self.doc)
         self.write()
-        return await self.plane.converge("envoy-test", before)
+        return await converge(self.plane, "envoy-test", before)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout

@@ -14,9 +14,10 @@ from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v
     client_side_weighted_round_robin_pb2 as cswrr_pb2,
 )
 
+from lrs.contract import ORCA_FORMAT_HEADER
 from xds_server.config.reader import parse_config
 from xds_server.config.types import CSWRR, SnapshotError
-from xds_server.resources.build import CSWRR_EXTENSION, ORCA_FORMAT_HEADER, build_all
+from xds_server.resources.build import CSWRR_EXTENSION, build_all
 from xds_server.xds import typeurls
 
 

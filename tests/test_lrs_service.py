@@ -11,6 +11,7 @@ import grpc
 import pytest
 from envoy.service.load_stats.v3 import lrs_pb2
 
+from lrs.contract import raw_bytes
 from lrs.load_reporting_service import METHOD, REASK_AFTER, SERVICE, LoadReportingService
 from lrs.load_store import LoadStore
 from lrs.pacing import IntervalGovernor
@@ -22,16 +23,12 @@ from xds_server.bootstrap import XDS_CLUSTER, envoy_bootstrap
 from xds_server.config.reader import parse_config
 from xds_server.grpc_server import start_grpc_server
 from xds_server.resources.build import build_all
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.services import DiscoveryServices
 
 A = "127.0.0.1:9001"
 GROUPS = {"edge": ["pool-a", "pool-b"]}
-
-
-def _identity(payload: bytes) -> bytes:
-    return payload
 
 
 class LrsClient:
@@ -40,7 +37,7 @@ class LrsClient:
     def __init__(self, channel: grpc.aio.Channel, node_id: str, node_cluster: str) -> None:
         self.call = channel.stream_stream(
             f"/{SERVICE}/{METHOD}",
-            request_serializer=_identity,
+            request_serializer=raw_bytes,
             response_deserializer=lrs_pb2.LoadStatsResponse.FromString,
         )()
         self.node_id = node_id
@@ -249,8 +246,8 @@ async def test_real_envoy_reports_per_endpoint_rates_and_orca_means(tmp_path):
         await upstream.start()
     listener_port = free_port()
     config = parse_config(_orca_snapshot(listener_port, [u.port for u in upstreams]), "test")
-    cache, registry = SnapshotCache(), ClientRegistry()
-    cache.set_snapshot(build_all(config), lambda c: config.group_for(c).name)
+    cache, registry = ResourceCache(), ClientRegistry()
+    cache.set_all(build_all(config), lambda c: config.group_for(c).name)
     store = LoadStore(window=5.0)
     store.set_known({p.name: [e.key for e in p.endpoints] for p in config.pools})
     lrs = LoadReportingService(store, lambda c: config.group_for(c).pools, interval=0.5)

@@ -23,6 +23,7 @@ from tests.admin_rig import (
     write_doc,
 )
 from tests.xds_client import DeltaClient, SotwClient, node
+from xds_lab.envoy_rig import node_in_sync
 from xds_server.app import ControlPlane
 from xds_server.xds.typeurls import ENDPOINT
 
@@ -58,7 +59,7 @@ async def test_protocol_metrics_follow_a_client(api: tuple[ControlPlane, Admin],
             client.ack(first)
         else:
             client.ack(first, ["llama"])
-        await wait_for(lambda: plane.node_in_sync("edge-1"))
+        await wait_for(lambda: node_in_sync(plane, "edge-1"))
         samples = await scrape(admin)
         assert value(samples, "xds_acks_total", **labels) == 1
         assert value(samples, "xds_push_convergence_seconds_count", **labels) == 1
@@ -73,7 +74,7 @@ async def test_protocol_metrics_follow_a_client(api: tuple[ControlPlane, Admin],
             client.nack(second, "no thanks")
         else:
             client.nack(second, "no thanks", first.version_info, ["llama"])
-        await wait_for(lambda: plane.node_in_sync("edge-1"))
+        await wait_for(lambda: node_in_sync(plane, "edge-1"))
         samples = await scrape(admin)
         assert value(samples, "xds_nacks_total", **labels) == 1
         assert value(samples, "xds_responses_sent_total", **labels) == 2

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lrs.contract import MAX_WEIGHT
 from lrs.weights.headroom import HeadroomPolicy
 from lrs.weights.params import SATURATED_ACTIONS, ParamError, Params, parse_params
 from lrs.weights.policy import PolicyError, WeightPolicy, check_weights, load_policy
-from lrs.weights.signals import MAX_WEIGHT, EndpointInput, EndpointLoad, PoolWeights
+from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
 
 KV = "named_metrics.kv_cache_usage_perc"
 QUEUE = "named_metrics.num_requests_waiting"

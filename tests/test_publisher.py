@@ -7,7 +7,7 @@ from xds_server.config.reader import parse_config
 from xds_server.resources.build import cluster_load_assignment
 from xds_server.resources.publisher import Publisher
 from xds_server.xds import typeurls
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 
 DOC = """
 listeners:
@@ -24,7 +24,7 @@ pools:
 """
 
 
-def _versions(cache: SnapshotCache) -> dict[str, str]:
+def _versions(cache: ResourceCache) -> dict[str, str]:
     snapshot = cache.groups["default"].of_type(typeurls.ENDPOINT)
     return {name: resource.version for name, resource in snapshot.resources.items()}
 
@@ -62,7 +62,7 @@ def test_without_weights_the_file_weights_apply_at_priority_zero():
 
 
 async def test_weights_change_only_their_pool_and_survive_a_reload():
-    cache = SnapshotCache()
+    cache = ResourceCache()
     publisher = Publisher(cache)
     seen = []
     publisher.on_config.append(seen.append)
@@ -87,7 +87,7 @@ async def test_weights_change_only_their_pool_and_survive_a_reload():
 
 
 async def test_weights_for_a_pool_that_left_the_config_are_dropped():
-    cache = SnapshotCache()
+    cache = ResourceCache()
     publisher = Publisher(cache)
     await publisher.publish_config(parse_config(DOC, "t.yaml"))
     without_a = DOC.replace("{model: a, pool: a}, ", "").split("  - name: a")[0] + (

@@ -25,7 +25,7 @@ import yaml
 from aiohttp import web
 
 from xds_lab.envoy_process import EnvoyProcess
-from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_lab.envoy_rig import PlaneWithEnvoy, converge, free_port, local_settings
 from xds_lab.upstream import Upstream, start_upstreams
 from xds_server.app import ControlPlane
 from xds_server.router.standalone import StandaloneRouter
@@ -109,7 +109,7 @@ class Rig:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(self.doc, sort_keys=False))
         tmp.replace(self.path)
-        await self.plane.converge(NODE, before)
+        await converge(self.plane, NODE, before)
 
     async def eventually(self, attempt: Callable[[], Any], holds: Callable[[Any], bool]) -> Any:
         """Retry until the answer holds: a listener change takes effect on new connections."""

@@ -46,13 +46,15 @@ class Rig:
         self.store = LoadStore(window=5.0, buckets=5)
         self.pushed: list[tuple[str, PoolWeights]] = []
         self.engine = WeightEngine(
-            self.store, lambda name, w: self.pushed.append((name, w)), clock=lambda: self.now
+            self.store.pool_load,
+            lambda name, w: self.pushed.append((name, w)),
+            clock=lambda: self.now,
         )
         self.reload(cfg)
 
     def reload(self, cfg: Config) -> None:
         self.store.set_known({p.name: [e.key for e in p.endpoints] for p in cfg.pools})
-        self.engine.configure(cfg)
+        self.engine.configure(cfg.orca_pools)
 
     def report(self, kv_a: float, kv_b: float, rps: int = 10) -> None:
         stats = [

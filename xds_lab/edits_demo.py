@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings
+from xds_lab.envoy_rig import PlaneWithEnvoy, converge, free_port, local_settings
 from xds_lab.upstream import Upstream
 from xds_server.cli import default_snapshot
 
@@ -98,7 +98,7 @@ class Demo:
         before = self.plane.cache.generation
         change(self.doc)
         self.write()
-        took = await self.plane.converge(NODE_ID, before)
+        took = await converge(self.plane, NODE_ID, before)
         say(f"    Envoy ACKed the new config {1000 * took:.0f} ms after the file was written")
 
 

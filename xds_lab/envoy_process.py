@@ -144,7 +144,8 @@ class EnvoyProcess(StartStop):
     async def config_dump(self, resource: str | None = None) -> dict[str, Any]:
         """/config_dump as JSON, optionally one resource kind (e.g. dynamic_active_clusters)."""
         _, body = await self._get("/config_dump", resource=resource)
-        return json.loads(body)
+        dump: dict[str, Any] = json.loads(body)
+        return dump
 
     async def stats(self, filter: str | None = None) -> dict[str, int]:
         """Counters and gauges as {name: value}; `filter` is Envoy's regex on stat names.

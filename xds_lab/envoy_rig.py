@@ -8,6 +8,7 @@ reverse order, whatever happened in between.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from collections.abc import Mapping
@@ -42,7 +43,7 @@ def free_port() -> int:
                 sock.bind(("127.0.0.1", wanted))
             except OSError:  # in use: try another
                 continue
-            port = sock.getsockname()[1]
+            port: int = sock.getsockname()[1]
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
@@ -55,6 +56,28 @@ def _ephemeral_low() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+def node_in_sync(plane: ControlPlane, node_id: str) -> bool:
+    """The node is connected and every stream of it is answered at the current versions."""
+    clients = plane.registry.by_node(node_id)
+    return bool(clients) and all(c.in_sync(plane.cache.group_for(c.node_cluster)) for c in clients)
+
+
+async def converge(plane: ControlPlane, node_id: str, since: int, timeout: float = 10.0) -> float:
+    """Seconds until the cache moves past generation `since` and the node has answered it.
+
+    What a caller that just edited the file waits on: first the reload, then the node.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < timeout:
+        if plane.cache.generation > since and node_in_sync(plane, node_id):
+            return loop.time() - started
+        await asyncio.sleep(0.005)
+    raise TimeoutError(
+        f"node {node_id!r} did not take cache generation > {since} within {timeout} s"
+    )
 
 
 def one_pool_snapshot(
@@ -105,7 +128,7 @@ class PlaneWithEnvoy(StartStop):
             self.envoy = EnvoyProcess(bootstrap, self.workdir)
             await self.envoy.start()
             await self.envoy.wait_ready()
-            await self.plane.converge(self.node_id, 0)
+            await converge(self.plane, self.node_id, 0)
             rejected = self.rejections()
             if rejected:  # converged counts a NACK as an answer; a first config must be taken
                 raise RuntimeError(f"Envoy rejected its first config: {'; '.join(rejected)}")

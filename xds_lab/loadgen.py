@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -92,9 +93,9 @@ class Outcome:
         return self.finished - self.sent
 
 
-def body(request: Request, model: str) -> dict:
+def body(request: Request, model: str) -> dict[str, Any]:
     """A completions request; `prompt_tokens` (the simulator's extension) sets the length."""
-    payload: dict = {
+    payload: dict[str, Any] = {
         "model": model,
         "prompt": "x",
         "prompt_tokens": request.prompt_tokens,

@@ -17,7 +17,7 @@ from lrs.load_store import LoadStore
 from lrs.weights.engine import WeightEngine
 from xds_server.admin import AdminApi, start_admin
 from xds_server.admin.auth import resolve_token
-from xds_server.config.file_source import ConfigSource
+from xds_server.config.file_source import FileSource
 from xds_server.config.state_file import OverlayState
 from xds_server.config.types import Config
 from xds_server.fleet import FleetView, LoadProvider
@@ -25,7 +25,7 @@ from xds_server.grpc_server import start_grpc_server
 from xds_server.metrics import Metrics
 from xds_server.resources.publisher import Publisher
 from xds_server.router.ext_proc import BodyRouter
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.services import DiscoveryServices
 
@@ -54,11 +54,13 @@ class ControlPlane:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.cache = SnapshotCache()
+        self.cache = ResourceCache()
         self.registry = ClientRegistry()
         self.publisher = Publisher(self.cache)
         self.overlay = OverlayState(settings.state)
-        self.source = ConfigSource(settings.snapshot, self.publisher, self.overlay.apply)
+        self.source = FileSource(
+            settings.snapshot, self.publisher.publish_config, self.overlay.apply
+        )
         self.fleet = FleetView(self.publisher, self.source, self.overlay)
         self.metrics = Metrics(self.cache, self.registry, self.fleet)
         self._admin_api: AdminApi | None = None
@@ -66,7 +68,7 @@ class ControlPlane:
         self.admin_port = settings.admin_port
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
-        self._watcher: asyncio.Task | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.body_router = BodyRouter(self.metrics.registry)
         self.publisher.on_config.append(self.body_router.update)
         self.router_port = settings.router_port
@@ -78,13 +80,15 @@ class ControlPlane:
             settings.lrs_interval,
             cpu_budget=settings.lrs_cpu_budget,
         )
-        self.engine = WeightEngine(self.store, self.publisher.publish_weights, settings.weight_tick)
+        self.engine = WeightEngine(
+            self.store.pool_load, self.publisher.publish_weights, settings.weight_tick
+        )
         self.metrics.observe_control_loop(self.lrs, self.engine)
         self.publisher.on_config.append(self._follow_config)
         self.observe_load(
             lambda pool: self.store.pool_load(pool, time.monotonic()), lambda: self.store.reports
         )
-        self._engine_task: asyncio.Task | None = None
+        self._engine_task: asyncio.Task[None] | None = None
 
     def _lrs_clusters(self, node_cluster: str) -> list[str]:
         """Load reports are asked for the load-weighted pools of the node's group only:
@@ -93,13 +97,12 @@ class ControlPlane:
         if config is None:
             return []
         group = config.group_for(node_cluster)
-        return [p for p in group.pools if config.pool(p).weighting == "orca"]
+        orca = {pool.name for pool in config.orca_pools}
+        return [p for p in group.pools if p in orca]
 
     def _follow_config(self, config: Config) -> None:
-        self.store.set_known(
-            {p.name: [e.key for e in p.endpoints] for p in config.pools if p.weighting == "orca"}
-        )
-        self.engine.configure(config)
+        self.store.set_known({p.name: [e.key for e in p.endpoints] for p in config.orca_pools})
+        self.engine.configure(config.orca_pools)
         self.lrs.clusters_changed()
 
     async def start(self) -> None:
@@ -132,28 +135,6 @@ class ControlPlane:
             self.settings.admin_host,
             self.admin_port,
             self.settings.snapshot,
-        )
-
-    def node_in_sync(self, node_id: str) -> bool:
-        """The node is connected and every stream of it is answered at the current versions."""
-        clients = self.registry.by_node(node_id)
-        return bool(clients) and all(
-            c.in_sync(self.cache.group_for(c.node_cluster)) for c in clients
-        )
-
-    async def converge(self, node_id: str, since: int, timeout: float = 10.0) -> float:
-        """Seconds until a snapshot newer than generation `since` is answered by the node.
-
-        What a caller that just edited the file waits on: first the reload, then the node.
-        """
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        while loop.time() - started < timeout:
-            if self.cache.generation > since and self.node_in_sync(node_id):
-                return loop.time() - started
-            await asyncio.sleep(0.005)
-        raise TimeoutError(
-            f"node {node_id!r} did not take snapshot generation > {since} within {timeout} s"
         )
 
     async def _start_body_router(self) -> None:

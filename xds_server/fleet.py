@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lrs.weights.signals import EndpointLoad, PoolWeights
-from xds_server.config.file_source import ConfigSource
+from xds_server.config.file_source import FileSource
 from xds_server.config.state_file import OverlayState
 from xds_server.config.types import Endpoint, Pool
 from xds_server.resources.publisher import Publisher
@@ -58,7 +58,7 @@ class FleetView:
     def __init__(
         self,
         publisher: Publisher,
-        source: ConfigSource,
+        source: FileSource,
         overlay: OverlayState,
         loads: LoadProvider | None = None,
     ) -> None:

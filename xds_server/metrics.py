@@ -26,11 +26,11 @@ from prometheus_client.registry import Collector
 
 from lrs.load_reporting_service import LoadReportingService
 from lrs.weights.engine import WeightEngine
-from xds_server.config.file_source import ConfigSource
+from xds_server.config.file_source import FileSource
 from xds_server.config.types import Pool
 from xds_server.fleet import FleetView
 from xds_server.xds import typeurls
-from xds_server.xds.cache import SnapshotCache, Subscriber
+from xds_server.xds.cache import ResourceCache, Subscriber
 from xds_server.xds.clients import Client, ClientRegistry, TypeStatus, sync_state
 
 #: Push-to-ACK times run from ~1 ms (one Envoy, a small change) to seconds (a big fleet).
@@ -77,7 +77,7 @@ class VersionClock(Subscriber):
     A version that comes back (a drain undone) restarts its clock.
     """
 
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: ResourceCache) -> None:
         self.cache = cache
         self._set_at: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         self._current: dict[tuple[str, str], str] = {}
@@ -156,9 +156,7 @@ class ProtocolMetrics:
 class StateCollector(Collector):
     """Clients, snapshot and file state, read at scrape time."""
 
-    def __init__(
-        self, cache: SnapshotCache, registry: ClientRegistry, source: ConfigSource
-    ) -> None:
+    def __init__(self, cache: ResourceCache, registry: ClientRegistry, source: FileSource) -> None:
         self.cache = cache
         self.registry = registry
         self.source = source
@@ -169,14 +167,14 @@ class StateCollector(Collector):
         yield from self._file()
 
     def _clients(self) -> Iterator[Metric]:
-        connected: dict[tuple[str, str], int] = defaultdict(int)
-        sync: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        connected: dict[tuple[str, ...], int] = defaultdict(int)
+        sync: dict[tuple[str, ...], int] = defaultdict(int)
         for client in self.registry:
             group = client.group or "none"
             connected[(client.protocol, group)] += 1
-            snapshot = self.cache.group_for(client.node_cluster)
+            served = self.cache.group_for(client.node_cluster)
             for type_url, status in list(client.types.items()):
-                state = sync_state(status, snapshot.of_type(type_url).version)
+                state = sync_state(status, served.of_type(type_url).version)
                 sync[(client.protocol, group, _type_name(type_url), state)] += 1
         yield _gauge(
             "xds_connected_clients",
@@ -388,7 +386,7 @@ class ControlLoopCollector(Collector):
 class Metrics:
     """All xds_ series of one control plane, in its own registry, served as `/metrics`."""
 
-    def __init__(self, cache: SnapshotCache, clients: ClientRegistry, fleet: FleetView) -> None:
+    def __init__(self, cache: ResourceCache, clients: ClientRegistry, fleet: FleetView) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.clock = VersionClock(cache)
         self.protocol = ProtocolMetrics(self.registry, self.clock)

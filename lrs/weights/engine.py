@@ -1,9 +1,12 @@
 """The weight engine: every tick, each load-weighted pool's policy turns fresh signals into weights.
 
-It only produces weights; `publish` (the control plane's Publisher) turns them
-into EDS. Pushes are debounced per pool: a pool whose weights moved is re-sent
-at most once per its `push_interval`, and a change held back by the debounce
-goes out on the first tick after the interval, so the latest weights always win.
+It only produces weights. What it weighs, where load comes from and where weights go are
+handed in by the host (the control plane) through the small protocol below, so the engine
+knows nothing of snapshot files, stores or EDS: `configure(pools)` with the pools to weigh,
+`loads(pool, now)` for their endpoints' merged load, `publish(pool, weights)` for changed
+weights. Pushes are debounced per pool: a pool whose weights moved is re-sent at most once
+per its `push_interval`, and a change held back by the debounce goes out on the first tick
+after the interval, so the latest weights always win.
 """
 
 from __future__ import annotations
@@ -11,22 +14,52 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from lrs.load_store import LoadStore
+from lrs.weights.params import Params
 from lrs.weights.policy import WeightPolicy, load_policy
-from lrs.weights.signals import EndpointInput, PoolWeights
-from xds_server.config.types import Config, Pool
+from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
+
+__all__ = ["Loads", "Publish", "WeighedEndpoint", "WeighedPool", "WeightEngine"]
 
 log = logging.getLogger(__name__)
 
+
+class WeighedEndpoint(Protocol):
+    """An endpoint as the engine sees it: its load key, zone and static weight."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def zone(self) -> str: ...
+    @property
+    def weight(self) -> int: ...
+
+
+class WeighedPool(Protocol):
+    """A pool whose weights come from load: its policy, the policy's parameters, endpoints."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def orca(self) -> Params: ...
+    @property
+    def endpoints(self) -> Sequence[WeighedEndpoint]: ...
+
+
+#: (pool name, monotonic now) -> endpoint key -> that endpoint's merged load.
+Loads = Callable[[str, float], Mapping[str, EndpointLoad]]
+#: (pool name, weights) -> None: hands a pool's new weights to whoever serves them.
 Publish = Callable[[str, PoolWeights], None]
 
 
 @dataclass(slots=True)
 class _PoolState:
-    pool: Pool
+    pool: WeighedPool
     policy: WeightPolicy
     known_since: dict[str, float] = field(default_factory=dict)
     latest: PoolWeights | None = None  # the policy's latest answer
@@ -36,16 +69,16 @@ class _PoolState:
 
 
 class WeightEngine:
-    """Runs the policies of the `weighting: orca` pools and publishes changed weights."""
+    """Runs the policies of the pools it is given and publishes changed weights."""
 
     def __init__(
         self,
-        store: LoadStore,
+        loads: Loads,
         publish: Publish,
         tick: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.store = store
+        self.loads = loads
         self.publish = publish
         self.tick = tick
         self.clock = clock
@@ -53,14 +86,13 @@ class WeightEngine:
         self.policy_errors = 0
         self.step_errors = 0
 
-    def configure(self, config: Config) -> None:
-        """Follow a reload: keep each pool's policy (and its smoothing state) unless its
-        policy or parameters changed; endpoints new to a pool start their blackout now."""
+    def configure(self, pools_to_weigh: Iterable[WeighedPool]) -> None:
+        """Follow a reload: weigh exactly these pools; keep each pool's policy (and its
+        smoothing state) unless its policy or parameters changed; endpoints new to a pool
+        start their blackout now."""
         now = self.clock()
         pools: dict[str, _PoolState] = {}
-        for pool in config.pools:
-            if pool.weighting != "orca":
-                continue
+        for pool in pools_to_weigh:
             old = self.pools.get(pool.name)
             if old is not None and (old.pool.policy, old.pool.orca) == (pool.policy, pool.orca):
                 state = old
@@ -105,7 +137,7 @@ class WeightEngine:
 
     def _compute(self, state: _PoolState, now: float) -> PoolWeights | None:
         pool = state.pool
-        loads = self.store.pool_load(pool.name, now)
+        loads = self.loads(pool.name, now)
         inputs = [
             EndpointInput(e.key, e.zone, e.weight, loads.get(e.key), state.known_since[e.key])
             for e in pool.endpoints

@@ -51,11 +51,14 @@ previous answer itself, without recomputing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
+from lrs.contract import MAX_WEIGHT
+from lrs.weights.explanation import Explanation
 from lrs.weights.params import Params
-from lrs.weights.signals import MAX_WEIGHT, EndpointInput, EndpointLoad, PoolWeights
+from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
+from lrs.weights.tracking import Track, first, fold, report_time
 
 ACTIVE: Final = "active"  # weighted by its own capacity estimate
 SATURATED: Final = "saturated"  # taken out of rotation: a trickle, or priority 1
@@ -68,94 +71,6 @@ NO_SIGNAL: Final = "no_signal"  # reports carry none of the configured metrics: 
 _ESTIMATED: Final = (ACTIVE, HELD)
 #: States a saturated endpoint keeps its place out of rotation in.
 _STAYS_SATURATED: Final = (ACTIVE, HELD, IDLE)
-
-#: Largest value a signal may carry; keeps sums and ratios of wild inputs finite.
-_CAP: Final = 1e9
-
-
-def _first(metrics: Mapping[str, float], names: tuple[str, ...]) -> float:
-    """The first configured metric the report carries with a usable value, else NaN."""
-    for name in names:
-        value = metrics.get(name)
-        if value is not None and value >= 0.0:  # NaN fails every comparison
-            return value
-    return math.nan
-
-
-def _report_time(load: EndpointLoad, now: float, expiry: float) -> float:
-    """When the report behind `load` was taken; -inf for one too old (or of unknown age) to use."""
-    age = load.age
-    if not age <= expiry:  # NaN fails it too
-        return -math.inf
-    return now - age if age > 0.0 else now
-
-
-def _fold(old: float | None, new: float, alpha: float) -> float | None:
-    """One EWMA step; a missing (NaN) or negative measurement keeps what we knew."""
-    if not new >= 0.0:
-        return old
-    if new > _CAP:
-        new = _CAP
-    return new if old is None else old + alpha * (new - old)
-
-
-class _Track:
-    """What the policy knows about one endpoint: averages kept across calls, and the
-    assessment of the current call (kept here too, to spare an object per endpoint)."""
-
-    __slots__ = (
-        "bottleneck",
-        "capacity",
-        "estimate",
-        "estimated_at",
-        "key",
-        "known_since",
-        "load",
-        "observed",
-        "pressure",
-        "published",
-        "published_state",
-        "queue",
-        "raw",
-        "rps",
-        "saturated",
-        "signal_at",
-        "since",
-        "state",
-        "static_weight",
-        "utilization",
-        "zone",
-    )
-
-    def __init__(self, key: str) -> None:
-        # The endpoint as last passed in (key, zone, static weight, when it was configured).
-        self.key = key
-        self.zone = ""
-        self.static_weight = 1
-        self.known_since = math.inf
-        self.observed = -math.inf  # report time of the last sample taken in
-        self.since = -math.inf  # first sample after a silence (blackout starts here)
-        self.signal_at = -math.inf  # last sample that carried a load metric
-        # Averages (EWMA) of what decides the weight.
-        self.rps: float | None = None
-        self.pressure: float | None = None  # the bottleneck signal, 1 = full
-        self.utilization: float | None = None  # pressure up to 1, plus the error penalty
-        self.queue: float | None = None  # waiting requests
-        # The latest report taken in and its bottleneck, for the explanation.
-        self.load: EndpointLoad | None = None
-        self.bottleneck: str | None = None
-        self.published: float | None = None  # raw weight last published, and in which state
-        self.published_state = ""
-        self.saturated = False
-        self.state = ""  # this call's assessment from here on
-        self.capacity: float | None = None  # requests/s at pressure 1, when estimable
-        self.estimate: float | None = None  # the last capacity estimated from traffic
-        self.estimated_at = -math.inf  # report time of the sample it was estimated from
-        self.raw = 0.0  # unrounded weight, in capacity units
-
-    def forget_load(self) -> None:
-        """After a silence old averages mean nothing: start again from the next report."""
-        self.rps = self.pressure = self.utilization = self.estimate = self.queue = None
 
 
 class HeadroomPolicy:
@@ -180,7 +95,7 @@ class HeadroomPolicy:
             params.error_penalty,
         )
         self._keys: list[str] = []  # the last call's endpoint keys, in call order
-        self._rows: list[_Track] = []  # their tracks, in the same order
+        self._rows: list[Track] = []  # their tracks, in the same order
         self._answer: PoolWeights | None = None  # the last answer, when it may be given again
         self._computed_at = math.inf  # the `now` it was computed at
         self._due: float | None = None  # when a state may next change by itself; None: not known
@@ -222,7 +137,7 @@ class HeadroomPolicy:
             ):
                 return None
             load = endpoint.load
-            if load is not None and _report_time(load, now, expiry) > track.observed:
+            if load is not None and report_time(load, now, expiry) > track.observed:
                 return None
         if self._due is None:
             self._due = self._next_change()
@@ -250,18 +165,18 @@ class HeadroomPolicy:
 
     # ------------------------------------------------------------------ per endpoint
 
-    def _match(self, endpoints: Sequence[EndpointInput]) -> list[_Track]:
+    def _match(self, endpoints: Sequence[EndpointInput]) -> list[Track]:
         """Each endpoint's track, in call order. Pools rarely change, so the last call's list
         is reused when the keys are the same; else tracks are found by key, and those of
         endpoints not passed in are forgotten."""
         keys = [endpoint.key for endpoint in endpoints]
         if keys != self._keys:
             known = dict(zip(self._keys, self._rows, strict=True))
-            self._rows = [known.get(key) or _Track(key) for key in keys]
+            self._rows = [known.get(key) or Track(key) for key in keys]
             self._keys = keys
         return self._rows
 
-    def _refresh(self, endpoints: Sequence[EndpointInput], rows: list[_Track], now: float) -> None:
+    def _refresh(self, endpoints: Sequence[EndpointInput], rows: list[Track], now: float) -> None:
         """Takes in new reports, then sets each endpoint's state for this call and, when it
         can be estimated, its capacity. The hot loop: parameters are bound once."""
         p = self.params
@@ -273,7 +188,7 @@ class HeadroomPolicy:
             track.known_since = known_since = endpoint.known_since
             load = endpoint.load
             if load is not None:
-                observed = _report_time(load, now, expiry)
+                observed = report_time(load, now, expiry)
                 if observed > track.observed:  # once per report, however often we are called
                     take_in(track, load, observed)
             capacity = None
@@ -307,7 +222,7 @@ class HeadroomPolicy:
             track.state = state
             track.capacity = capacity
 
-    def _take_in(self, track: _Track, load: EndpointLoad, observed: float) -> None:
+    def _take_in(self, track: Track, load: EndpointLoad, observed: float) -> None:
         """Folds a new report, taken at `observed`, into the averages."""
         (
             expiry,
@@ -326,7 +241,7 @@ class HeadroomPolicy:
         track.observed = observed
         track.load = load
         metrics = load.metrics
-        kv = _first(metrics, kv_names)
+        kv = first(metrics, kv_names)
         if kv > 1.0:
             kv = 1.0  # a fraction: a server reporting more is full, not fuller
         # The bottleneck: the most constrained signal relative to its threshold.
@@ -334,10 +249,10 @@ class HeadroomPolicy:
         pressure, bottleneck = -1.0, None
         if kv / kv_full > pressure:
             pressure, bottleneck = kv / kv_full, "kv_cache"
-        waiting = _first(metrics, queue_names)
+        waiting = first(metrics, queue_names)
         if waiting / queue_full > pressure:
             pressure, bottleneck = waiting / queue_full, "queue"
-        utilization = _first(metrics, utilization_names)
+        utilization = first(metrics, utilization_names)
         if utilization > pressure:
             pressure, bottleneck = utilization, "utilization"
         if in_flight_full > 0.0 and load.in_progress / in_flight_full > pressure:
@@ -352,8 +267,8 @@ class HeadroomPolicy:
         track.signal_at = observed
         track.bottleneck = bottleneck
         rps, errors = load.rps, load.error_rps
-        track.rps = _fold(track.rps, rps, alpha)
-        track.pressure = _fold(track.pressure, pressure, alpha)
+        track.rps = fold(track.rps, rps, alpha)
+        track.pressure = fold(track.pressure, pressure, alpha)
         # The error share of requests: at most all of them; NaN compares False.
         errors = 0.0 if not errors > 0.0 else 1.0 if errors >= rps else errors / rps
         # Past saturation (pressure >= 1) an endpoint serves as fast as it can: its throughput
@@ -361,12 +276,12 @@ class HeadroomPolicy:
         # it is (dividing by queue / queue_threshold made a queueing server look several
         # times slower than it was, and twin servers swung traffic between them).
         saturated = 1.0 if pressure > 1.0 else pressure
-        track.utilization = _fold(track.utilization, saturated + penalty * errors, alpha)
-        track.queue = _fold(track.queue, waiting if waiting > 0.0 else 0.0, alpha)
+        track.utilization = fold(track.utilization, saturated + penalty * errors, alpha)
+        track.queue = fold(track.queue, waiting if waiting > 0.0 else 0.0, alpha)
 
     # ------------------------------------------------------------------ per pool
 
-    def _mark_saturated(self, rows: list[_Track], now: float) -> bool:
+    def _mark_saturated(self, rows: list[Track], now: float) -> bool:
         """Saturated endpoints leave rotation only as far as the others' spare capacity goes.
 
         Returns whether the outcome is settled: whether marking again with the same inputs
@@ -414,7 +329,7 @@ class HeadroomPolicy:
             track.state = SATURATED
         return settled
 
-    def _set_raw(self, rows: list[_Track]) -> float:
+    def _set_raw(self, rows: list[Track]) -> float:
         """Unrounded weights in capacity units, hysteresis applied; returns the factor that
         turns them into integers: the largest gets weight_scale, the sum fits MAX_WEIGHT."""
         p = self.params
@@ -468,7 +383,7 @@ class HeadroomPolicy:
         # Rounding adds at most 1 per endpoint, so the scaled sum stays <= MAX_WEIGHT.
         return min(p.weight_scale / top, max(0.0, MAX_WEIGHT - len(rows)) / total)
 
-    def _publish(self, rows: list[_Track], factor: float) -> PoolWeights:
+    def _publish(self, rows: list[Track], factor: float) -> PoolWeights:
         """Integer weights, locality sums, and what explains them."""
         p = self.params
         lower = p.saturated_action == "lower_priority"
@@ -476,7 +391,7 @@ class HeadroomPolicy:
         zones: dict[str, int] = {}
         spill: dict[str, int] = {}
         moved: list[str] = []
-        facts: list[Any] = []  # _FACTS values per endpoint, flat: one object per pool
+        facts: list[Any] = []  # what Explanation unpacks per endpoint, flat: one per pool
         for track in rows:
             key = track.key
             weight = int(track.raw * factor + 0.5) or 1
@@ -509,71 +424,5 @@ class HeadroomPolicy:
         )
 
 
-def _most_pressed_first(track: _Track) -> tuple[float, str]:
+def _most_pressed_first(track: Track) -> tuple[float, str]:
     return -(track.pressure or 0.0), track.key
-
-
-#: Values per endpoint in an Explanation: key, state, weight, bottleneck, the averages, report.
-_FACTS: Final = 9
-_AVERAGES: Final = ("pressure", "utilization", "capacity", "rps")
-
-
-class Explanation(Mapping[str, Mapping[str, object]]):
-    """Why each endpoint got its weight: state, bottleneck, the averages that decided it
-    and the latest report's signals.
-
-    Kept as one flat list per pool and turned into dicts only when read: weights are
-    computed for every pool every interval, the admin API reads them now and then.
-    """
-
-    __slots__ = ("_facts", "_index", "_moved", "_params")
-
-    def __init__(self, facts: list[Any], moved: frozenset[str], params: Params) -> None:
-        self._facts = facts
-        self._moved = moved
-        self._params = params
-        self._index: dict[str, int] | None = None  # key -> offset in facts, built when read
-
-    def _offsets(self) -> dict[str, int]:
-        if self._index is None:
-            keys = self._facts[::_FACTS]
-            self._index = dict(zip(keys, range(0, len(self._facts), _FACTS), strict=True))
-        return self._index
-
-    def __getitem__(self, key: str) -> dict[str, object]:
-        at = self._offsets()[key]
-        _, state, weight, bottleneck, *averages, load = self._facts[at : at + _FACTS]
-        why: dict[str, object] = {
-            "state": state,
-            "weight": weight,
-            "priority": 1 if key in self._moved else 0,
-            "bottleneck": bottleneck,
-        }
-        why.update(zip(_AVERAGES, map(_round, averages), strict=True))
-        p = self._params
-        latest = load or _UNKNOWN
-        why["kv_cache"] = _round(_first(latest.metrics, p.kv_cache_metrics))
-        why["queue"] = _round(_first(latest.metrics, p.queue_metrics))
-        why["orca_utilization"] = _round(_first(latest.metrics, p.utilization_metrics))
-        why["error_rps"] = _round(latest.error_rps)
-        why["in_flight"] = _round(latest.in_progress)
-        rps = averages[-1]
-        # Little's law: in flight / throughput is the latency Envoy observes.
-        why["latency_s"] = _round(latest.in_progress / rps) if rps else None
-        why["report_age_s"] = _round(latest.age)
-        return why
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._offsets())
-
-    def __len__(self) -> int:
-        return len(self._offsets())
-
-
-#: What the explanation shows for an endpoint without a report taken in.
-_UNKNOWN: Final = EndpointLoad(in_progress=math.nan, age=math.nan)
-
-
-def _round(value: float | None) -> float | None:
-    """JSON-ready: NaN (not reported) and infinities become None."""
-    return round(value, 4) if value is not None and math.isfinite(value) else None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
-from lrs.weights.signals import MAX_WEIGHT
+from lrs.contract import MAX_WEIGHT
 
 SATURATED_ACTIONS: Final = ("min_weight", "lower_priority")
 #: Longest duration a parameter may hold (about 11.6 days): far beyond any sane window,
@@ -88,7 +88,7 @@ class ParamError(ValueError):
         super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     # YAML `true` is a bool, and bool is an int subclass: a threshold of `true` is a typo.
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -173,8 +173,8 @@ def _names(key: str, value: object, problems: list[tuple[str, str]]) -> tuple[st
 
 
 def _choice(key: str, value: object, problems: list[tuple[str, str]]) -> str | None:
-    if value in SATURATED_ACTIONS:
-        return value  # type: ignore[return-value]
+    if isinstance(value, str) and value in SATURATED_ACTIONS:
+        return value
     problems.append(
         (key, f"unknown value {_describe(value)}; expected one of: {', '.join(SATURATED_ACTIONS)}")
     )

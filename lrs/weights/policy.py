@@ -12,9 +12,10 @@ import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
+from lrs.contract import MAX_WEIGHT
 from lrs.weights.headroom import HeadroomPolicy
 from lrs.weights.params import Params, parse_params
-from lrs.weights.signals import MAX_WEIGHT, EndpointInput, PoolWeights
+from lrs.weights.signals import EndpointInput, PoolWeights
 
 BUILT_IN: Final = {"headroom": HeadroomPolicy}
 #: Envoy's limit for the sum of weights in a locality and of locality weights (uint32).

@@ -56,7 +56,3 @@ class PoolWeights:
     localities: Mapping[str, int]
     saturated: frozenset[str] = frozenset()
     explain: Mapping[str, Mapping[str, object]] = field(default_factory=dict, compare=False)
-
-
-#: Envoy's limit for endpoint weights, and for the sum of a locality's weights (uint32).
-MAX_WEIGHT = 1_000_000

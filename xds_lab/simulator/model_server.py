@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from lrs.contract import ORCA_FORMAT_HEADER
 from xds_lab.lifecycle import StartStop
 from xds_lab.simulator.batching import Engine, EngineState, Rejected, Sequence
 from xds_lab.simulator.metrics import SimulatorMetrics
@@ -34,7 +35,7 @@ from xds_lab.simulator.openai import (
     sse_error,
 )
 from xds_lab.simulator.options import SimulatorConfig
-from xds_lab.simulator.orca import FORMAT_HEADER, orca_header
+from xds_lab.simulator.orca import orca_header
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -140,7 +141,7 @@ class ModelServer(StartStop):
             seq = engine.submit(gen.prompt_tokens, gen.max_tokens)
         except Rejected as err:
             return _error(err.status, err.message)
-        orca_format = request.headers.get(FORMAT_HEADER)
+        orca_format = request.headers.get(ORCA_FORMAT_HEADER)
         try:
             if gen.stream:
                 return await self._stream(request, api, gen, seq, orca_format)

@@ -88,7 +88,7 @@ class SimulatorConfig:
 
     def __post_init__(self) -> None:
         for spec in fields(self):
-            _check(spec.name, spec.type, getattr(self, spec.name), spec.metadata)
+            _check(spec.name, str(spec.type), getattr(self, spec.name), spec.metadata)
 
     @classmethod
     def profile(cls, name: str, **overrides: Any) -> SimulatorConfig:
@@ -154,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
-            convert = {"str": str, "int": int, "float": float}[spec.type]
+            convert = {"str": str, "int": int, "float": float}[str(spec.type)]
             parser.add_argument(flag, type=convert, default=None, help=help_text)
 
 

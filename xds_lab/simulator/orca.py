@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-FORMAT_HEADER = "endpoint-load-metrics-format"
 HEADER = "endpoint-load-metrics"
 
 

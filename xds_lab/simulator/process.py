@@ -80,11 +80,13 @@ class SimulatorProcess(StartStop):
             *self._argv(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         self._session = aiohttp.ClientSession()
+        stdout, stderr = self._proc.stdout, self._proc.stderr
+        assert stdout is not None and stderr is not None  # both piped above
         try:
             for _ in range(self.count):
-                line = await asyncio.wait_for(self._proc.stdout.readline(), _START_TIMEOUT_S)
+                line = await asyncio.wait_for(stdout.readline(), _START_TIMEOUT_S)
                 if not line:
-                    problem = (await self._proc.stderr.read()).decode(errors="replace").strip()
+                    problem = (await stderr.read()).decode(errors="replace").strip()
                     raise RuntimeError(f"xds-lab simulate exited: {problem}")
                 # "NAME: MODEL (PROFILE) on http://HOST:PORT"
                 name, _, rest = line.decode().strip().partition(": ")

@@ -21,7 +21,7 @@ from xds_server.admin.page import StatusPage
 from xds_server.admin.views import ReadViews
 from xds_server.fleet import FleetView
 from xds_server.metrics import Metrics
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 
 #: Request bodies are one endpoint: a few hundred bytes. Anything near this is not ours.
@@ -33,7 +33,7 @@ class AdminApi:
 
     def __init__(
         self,
-        cache: SnapshotCache,
+        cache: ResourceCache,
         clients: ClientRegistry,
         fleet: FleetView,
         metrics: Metrics,
@@ -109,6 +109,4 @@ async def start_admin(app: web.Application, host: str, port: int) -> tuple[web.A
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    sockets = site._server.sockets if site._server else []
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return runner, bound
+    return runner, runner.addresses[0][1]

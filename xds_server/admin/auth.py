@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from xds_server.admin.http import Handler, Middleware, error_response
+from xds_server.admin.http import Handler, error_response
 
 TOKEN_ENV: Final = "XDS_ADMIN_TOKEN"
 #: Methods that only read; anything else changes state and needs the token.

@@ -2,7 +2,7 @@
 
 Every change is a new overlay (xds_server.overlay): checked against what is
 served, written to the state file, and only then put in force and published
-through the same path as a file reload (ConfigSource.publish). A refused request
+through the same path as a file reload (FileSource.publish). A refused request
 raises before anything is written, so it changes nothing. Publishing is debounced:
 a burst of changes (a script draining a rack) becomes one snapshot, and each
 request answers once a publish that includes its change has gone out, so the
@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from aiohttp import web
 
 from xds_server.admin.http import ApiError, json_response, read_json
-from xds_server.config.file_source import ConfigSource
+from xds_server.config.file_source import FileSource
 from xds_server.config.overlay import Overlay, endpoint_key
 from xds_server.config.reader import parse_endpoint
 from xds_server.config.state_file import OverlayState
@@ -104,7 +104,7 @@ Edit = Callable[[PoolState], Overlay]
 class OverlayEditor:
     """Serializes API changes: check, persist, put in force, publish (debounced)."""
 
-    def __init__(self, state: OverlayState, source: ConfigSource, debounce: float) -> None:
+    def __init__(self, state: OverlayState, source: FileSource, debounce: float) -> None:
         self.state = state
         self.source = source
         self._lock = asyncio.Lock()

@@ -39,7 +39,7 @@ _ENDPOINT: Final = {
     "description": "ADDRESS:PORT, [IPv6]:PORT for IPv6",
     "schema": {"type": "string"},
 }
-_SECURED: Final = [{"bearer": []}]
+_SECURED: Final[list[dict[str, list[str]]]] = [{"bearer": []}]
 _MUTATION_ERRORS: Final = (400, 401, 404, 409, 503)
 
 

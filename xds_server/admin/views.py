@@ -19,7 +19,7 @@ from xds_server.admin.http import ApiError, json_response
 from xds_server.config.types import Pool
 from xds_server.fleet import FleetView
 from xds_server.xds import typeurls
-from xds_server.xds.cache import Resource, SnapshotCache
+from xds_server.xds.cache import Resource, ResourceCache
 from xds_server.xds.clients import ClientRegistry
 
 MESSAGE_TYPES = {
@@ -52,7 +52,7 @@ class ReadViews:
     """Handlers of the GET routes over the live state."""
 
     def __init__(
-        self, cache: SnapshotCache, clients: ClientRegistry, fleet: FleetView, mutations: bool
+        self, cache: ResourceCache, clients: ClientRegistry, fleet: FleetView, mutations: bool
     ) -> None:
         self.cache = cache
         self.clients = clients

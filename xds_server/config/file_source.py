@@ -11,13 +11,12 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from xds_server.config.reader import load_config
 from xds_server.config.types import Config, SnapshotError
-from xds_server.resources.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +38,21 @@ def _fingerprint(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-class ConfigSource:
-    """Publishes the snapshot file into the cache and keeps it in sync with edits."""
+#: Serves a config (the control plane builds and caches it; the standalone router routes by it).
+Publish = Callable[[Config], Awaitable[None]]
+
+
+class FileSource:
+    """Hands each good version of the snapshot file to `publish` and follows its edits."""
 
     def __init__(
         self,
         path: Path,
-        publisher: Publisher,
+        publish: Publish,
         overlay: Callable[[Config], Config] | None = None,
     ) -> None:
         self.path = path
-        self.publisher = publisher
+        self._publish = publish
         #: The admin API's changes over the file (xds_server.overlay), applied on every publish.
         self.overlay = overlay or (lambda config: config)
         self.config: Config | None = None
@@ -95,7 +98,7 @@ class ConfigSource:
         change. One at a time, reading both at the start, so an older build never lands last."""
         async with self._publishing:
             if self.config is not None:
-                await self.publisher.publish_config(self.overlay(self.config))
+                await self._publish(self.overlay(self.config))
 
     async def watch(self, interval: float = 0.2, settle: float = 0.05) -> None:
         """Reload whenever the file changes (polling: works for editors that rename over it)."""

@@ -183,7 +183,7 @@ def _endpoint_json(endpoint: Endpoint) -> dict[str, Any]:
     return {k: v for k, v in asdict(endpoint).items() if k != "draining"}
 
 
-def _mapping(value: object, path: str, keys: set[str] | None) -> dict:
+def _mapping(value: object, path: str, keys: set[str] | None) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError(f"{path}: expected a mapping")
     unknown = sorted(set(value) - keys) if keys is not None else []
@@ -192,7 +192,7 @@ def _mapping(value: object, path: str, keys: set[str] | None) -> dict:
     return value
 
 
-def _list(value: object, path: str) -> list:
+def _list(value: object, path: str) -> list[Any]:
     if not isinstance(value, list):
         raise ValueError(f"{path}: expected a list")
     return value

@@ -11,7 +11,7 @@ import ipaddress
 import re
 import reprlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, Generic, NamedTuple, TypeGuard, TypeVar, cast
 
 from xds_server.config.types import (
     MAX_SECONDS,
@@ -20,8 +20,7 @@ from xds_server.config.types import (
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 _QUOTED_NUMBER = re.compile(r"\s*[-+]?\d+(\.\d*)?\s*")
-# --------------------------------------------------------------------------- reading
-
+T = TypeVar("T")
 
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = 60
@@ -41,21 +40,39 @@ def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-class Kind(NamedTuple):
+class Kind(NamedTuple, Generic[T]):
+    """What a getter expects: its name in messages, and the check that narrows to it."""
+
     label: str
-    accepts: Callable[[object], bool]
+    accepts: Callable[[object], TypeGuard[T]]
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     # YAML `true` is a bool, and bool is an int subclass: a port of `true` is a typo.
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-STRING: Final = Kind("a string", lambda v: isinstance(v, str))
+def _is_str(value: object) -> TypeGuard[str]:
+    return isinstance(value, str)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return is_int(value) or isinstance(value, float)
+
+
+def _is_list(value: object) -> TypeGuard[list[Any]]:
+    return isinstance(value, list)
+
+
+def _is_bool(value: object) -> TypeGuard[bool]:
+    return isinstance(value, bool)
+
+
+STRING: Final = Kind("a string", _is_str)
 INTEGER: Final = Kind("an integer", is_int)
-NUMBER: Final = Kind("a number", lambda v: is_int(v) or isinstance(v, float))
-LIST: Final = Kind("a list", lambda v: isinstance(v, list))
-BOOLEAN: Final = Kind("true or false", lambda v: isinstance(v, bool))
+NUMBER: Final = Kind("a number", _is_number)
+LIST: Final = Kind("a list", _is_list)
+BOOLEAN: Final = Kind("true or false", _is_bool)
 REQUIRED: Final = object()
 
 
@@ -75,7 +92,7 @@ class Reader:
         message = message.replace("\n", " ")
         self.problems.append(Problem(self.source, path or "(document)", message))
 
-    def mapping(self, value: object, path: str, keys: tuple[str, ...]) -> dict | None:
+    def mapping(self, value: object, path: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
         if not isinstance(value, dict):
             self.problem(
                 path, f"expected a mapping with keys {', '.join(keys)}; got {describe(value)}"
@@ -88,14 +105,17 @@ class Reader:
                 self.problem(where, f"unknown key {key!r}; expected one of: {', '.join(keys)}")
         return value
 
-    def value(self, m: dict, key: str, path: str, kind: Kind, default: Any = REQUIRED) -> Any:
+    def value(
+        self, m: dict[str, Any], key: str, path: str, kind: Kind[T], default: Any = REQUIRED
+    ) -> T | None:
         """An absent or null optional key means its default."""
         here = join(path, key)
         value = m.get(key)
         if value is None:
             if default is REQUIRED:
                 self.problem(here, f"required key is missing; expected {kind.label}")
-            return None if default is REQUIRED else default
+                return None
+            return cast("T | None", default)
         if kind.accepts(value):
             return value
         hint = ""
@@ -106,7 +126,7 @@ class Reader:
 
     def integer(
         self,
-        m: dict,
+        m: dict[str, Any],
         key: str,
         path: str,
         low: int,
@@ -121,7 +141,7 @@ class Reader:
         return None
 
     def seconds(
-        self, m: dict, key: str, path: str, default: float, low: float, hint: str
+        self, m: dict[str, Any], key: str, path: str, default: float, low: float, hint: str
     ) -> float | None:
         value = self.value(m, key, path, NUMBER, default)
         if value is None:
@@ -135,7 +155,12 @@ class Reader:
         return None
 
     def choice(
-        self, m: dict, key: str, path: str, options: tuple[str, ...], default: str | None = None
+        self,
+        m: dict[str, Any],
+        key: str,
+        path: str,
+        options: tuple[str, ...],
+        default: str | None = None,
     ) -> str | None:
         value = self.value(m, key, path, STRING, default or options[0])
         if value is None or value in options:
@@ -145,7 +170,7 @@ class Reader:
         )
         return None
 
-    def name(self, m: dict, path: str) -> str | None:
+    def name(self, m: dict[str, Any], path: str) -> str | None:
         """Returns even a malformed name, so references to it do not also fail."""
         value = self.value(m, "name", path, STRING)
         if value is not None and not _NAME.fullmatch(value):
@@ -156,7 +181,7 @@ class Reader:
             )
         return value
 
-    def text(self, m: dict, key: str, path: str, default: Any = REQUIRED) -> str | None:
+    def text(self, m: dict[str, Any], key: str, path: str, default: Any = REQUIRED) -> str | None:
         """A non-empty string that is safe in an HTTP header or a node.cluster."""
         return self.check_text(self.value(m, key, path, STRING, default), join(path, key))
 
@@ -166,7 +191,7 @@ class Reader:
         self.problem(path, f"expected a non-empty string without control characters, got {value!r}")
         return None
 
-    def ip(self, m: dict, key: str, path: str, default: Any, hint: str) -> str | None:
+    def ip(self, m: dict[str, Any], key: str, path: str, default: Any, hint: str) -> str | None:
         value = self.value(m, key, path, STRING, default)
         if value is None:
             return None
@@ -176,10 +201,11 @@ class Reader:
             self.problem(join(path, key), f"{value!r} is not an IPv4 or IPv6 address{hint}")
             return None
 
-    def items(self, m: dict, key: str, path: str) -> Iterator[tuple[str, Any]]:
+    def items(self, m: dict[str, Any], key: str, path: str) -> Iterator[tuple[str, Any]]:
         """(path, item) for each entry of an optional list."""
         here = join(path, key)
-        for index, item in enumerate(self.value(m, key, path, LIST, []) or ()):
+        entries: list[Any] = self.value(m, key, path, LIST, []) or []
+        for index, item in enumerate(entries):
             yield f"{here}[{index}]", item
 
     def duplicates(self, entries: Iterable[tuple[str, str]], what: str, hint: str = "") -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -75,7 +75,7 @@ def _import_quietly(module: str) -> None:
         pass
 
 
-def _parse_message(item: dict, message: type[Message]) -> Message:
+def _parse_message(item: dict[str, Any], message: type[Message]) -> Message:
     try:
         return json_format.ParseDict(item, message())
     except json_format.ParseError as err:
@@ -119,7 +119,7 @@ def _read_raw_entry(r: Reader, item: object, path: str, kind: _RawKind) -> Messa
     return message
 
 
-def read_raw(r: Reader, top: dict, generated: dict[str, set[str]]) -> RawResources:
+def read_raw(r: Reader, top: dict[str, Any], generated: dict[str, set[str]]) -> RawResources:
     envoy = top.get("envoy")
     keys = tuple(kind.key for kind in _RAW_KINDS)
     m = {} if envoy is None else r.mapping(envoy, "envoy", keys) or {}

@@ -14,6 +14,7 @@ from typing import Any, Final, NamedTuple
 
 import yaml
 
+from lrs.contract import MAX_WEIGHT
 from lrs.weights.params import ParamError, Params, parse_params
 from lrs.weights.policy import PolicyError, load_policy
 from xds_server.config.problems import (
@@ -35,7 +36,6 @@ from xds_server.config.types import (
     LB_POLICIES,
     MAX_BODY_BYTES,
     MAX_ROUTER_TIMEOUT,
-    MAX_WEIGHT,
     MIN_CONNECT_TIMEOUT,
     MODEL_HEADER,
     UINT32_MAX,
@@ -138,7 +138,7 @@ def _read_pool(r: Reader, value: object, path: str) -> Pool | None:
     return Pool(name, lb_policy, weighting, tuple(endpoints), connect_timeout, policy, orca)
 
 
-def _read_policy(r: Reader, m: dict, path: str) -> tuple[str | None, Params | None]:
+def _read_policy(r: Reader, m: dict[str, Any], path: str) -> tuple[str | None, Params | None]:
     """The weight policy and its parameters, checked now so a typo names its place in the
     file instead of surfacing later as a log line from the weight engine."""
     spec = r.value(m, "policy", path, STRING, "headroom")
@@ -193,7 +193,7 @@ def _read_route(r: Reader, value: object, path: str, pool_names: set[str]) -> Ro
     return Route(pool, model, prefix, timeout, split)
 
 
-def _pool_reference(r: Reader, m: dict, path: str, pool_names: set[str]) -> str | None:
+def _pool_reference(r: Reader, m: dict[str, Any], path: str, pool_names: set[str]) -> str | None:
     pool = r.value(m, "pool", path, STRING)
     if pool is not None and pool not in pool_names:
         r.problem(join(path, "pool"), unknown("pool", pool, pool_names))
@@ -201,7 +201,9 @@ def _pool_reference(r: Reader, m: dict, path: str, pool_names: set[str]) -> str 
     return pool
 
 
-def _read_split(r: Reader, m: dict, path: str, pool_names: set[str]) -> tuple[SplitTarget, ...]:
+def _read_split(
+    r: Reader, m: dict[str, Any], path: str, pool_names: set[str]
+) -> tuple[SplitTarget, ...]:
     """Empty when anything is wrong (a problem is recorded), so no partial split is served."""
     here = join(path, "split")
     items = m["split"]
@@ -275,7 +277,7 @@ def _read_listener(r: Reader, value: object, path: str, pool_names: set[str]) ->
     return Listener(name, port, address, routes, body_routing)
 
 
-def _read_body_router(r: Reader, top: dict) -> BodyRouterSettings:
+def _read_body_router(r: Reader, top: dict[str, Any]) -> BodyRouterSettings:
     """Defaults for an absent section, and for its parts that have problems (already recorded)."""
     value = top.get("body_router")
     m = {} if value is None else r.mapping(value, "body_router", _BODY_ROUTER_KEYS) or {}
@@ -303,7 +305,7 @@ def _read_body_router(r: Reader, top: dict) -> BodyRouterSettings:
 
 
 def _read_references(
-    r: Reader, m: dict, key: str, path: str, known: set[str], what: str
+    r: Reader, m: dict[str, Any], key: str, path: str, known: set[str], what: str
 ) -> tuple[str, ...]:
     names = []
     for item_path, item in r.items(m, key, path):
@@ -359,7 +361,7 @@ def _node_cluster(r: Reader, value: object, path: str) -> str | None:
 
 
 def _read_groups(
-    r: Reader, top: dict, listener_names: set[str], pool_names: set[str]
+    r: Reader, top: dict[str, Any], listener_names: set[str], pool_names: set[str]
 ) -> list[_GroupEntry]:
     entries = [
         e

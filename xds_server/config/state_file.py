@@ -72,7 +72,7 @@ class OverlayState:
             self.overlay = await asyncio.to_thread(read_state, self.path)
 
     def apply(self, config: Config) -> Config:
-        """The file's config with the overlay in force (what ConfigSource publishes)."""
+        """The file's config with the overlay in force (what FileSource publishes)."""
         return self.overlay.apply(config)
 
     async def save(self, overlay: Overlay) -> None:

@@ -10,7 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
-from google.protobuf.message import Message
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 
 from lrs.weights.params import Params
 
@@ -30,7 +33,6 @@ FAILURE_MODES: Final = ("closed", "open")
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 #: Envoy's ext_proc message_timeout may not exceed an hour.
 MAX_ROUTER_TIMEOUT: Final = 3600.0
-MAX_WEIGHT: Final = 1_000_000
 UINT32_MAX: Final = 2**32 - 1
 #: The largest protobuf Duration, in seconds: anything above cannot be encoded.
 MAX_SECONDS: Final = 315_576_000_000
@@ -160,10 +162,10 @@ class NodeGroup:
 class RawResources:
     """Hand-written Envoy resources from the `envoy:` escape hatch, served to every group."""
 
-    clusters: tuple[Message, ...] = ()
-    listeners: tuple[Message, ...] = ()
-    routes: tuple[Message, ...] = ()
-    endpoints: tuple[Message, ...] = ()
+    clusters: tuple[cluster_pb2.Cluster, ...] = ()
+    listeners: tuple[listener_pb2.Listener, ...] = ()
+    routes: tuple[route_pb2.RouteConfiguration, ...] = ()
+    endpoints: tuple[endpoint_pb2.ClusterLoadAssignment, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,11 @@ class Config:
             if node_cluster in group.node_clusters:
                 return group
         return self.node_groups[-1]
+
+    @property
+    def orca_pools(self) -> tuple[Pool, ...]:
+        """The pools whose weights come from load reports (`weighting: orca`)."""
+        return tuple(pool for pool in self.pools if pool.weighting == "orca")
 
     def pool(self, name: str) -> Pool:
         for pool in self.pools:

@@ -40,6 +40,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from lrs.contract import ORCA_FORMAT_HEADER, ORCA_RESPONSE_HEADERS
 from lrs.weights.params import Params
 from lrs.weights.signals import PoolWeights
 from xds_server.config.types import (
@@ -74,8 +75,6 @@ _LB_POLICIES: Final = {
 }
 #: vLLM sends its ORCA header only when asked, and Envoy forwards that header to
 #: the client unless removed: backend load should not leak to callers.
-ORCA_FORMAT_HEADER: Final = "endpoint-load-metrics-format"
-ORCA_RESPONSE_HEADERS: Final = ("endpoint-load-metrics", "endpoint-load-metrics-bin")
 #: ORCA reaches LRS only for the metric names a cluster lists here.
 ORCA_LRS_METRICS: Final = (
     "named_metrics.*",
@@ -225,7 +224,10 @@ def body_router_cluster(target: tuple[str, int]) -> cluster_pb2.Cluster:
     return result
 
 
-def _ask_for_orca(target: Message, pool: Pool) -> None:
+def _ask_for_orca(
+    target: route_components_pb2.Route | route_components_pb2.WeightedCluster.ClusterWeight,
+    pool: Pool,
+) -> None:
     """A Route or a ClusterWeight of a pool weighted by ORCA (ours, or Envoy's CS-WRR) asks its
     servers for load reports and keeps them from the client."""
     if pool.weighting == "orca" or pool.lb_policy == CSWRR:

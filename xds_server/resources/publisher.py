@@ -17,7 +17,7 @@ from lrs.weights.signals import PoolWeights
 from xds_server.config.types import Config
 from xds_server.resources.build import DEFAULT_BODY_ROUTER, build_all, cluster_load_assignment
 from xds_server.xds import typeurls
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import ResourceCache
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Publisher:
     """Holds the config being served and the weights over it; writes both into the cache."""
 
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: ResourceCache) -> None:
         self.cache = cache
         self.config: Config | None = None
         self.weights: dict[str, PoolWeights] = {}
@@ -36,13 +36,13 @@ class Publisher:
 
     async def publish_config(self, config: Config) -> None:
         """Serve a new config; the build runs off the event loop (large fleets take a while)."""
-        orca = {pool.name for pool in config.pools if pool.weighting == "orca"}
+        orca = {pool.name for pool in config.orca_pools}
         self.weights = {name: w for name, w in self.weights.items() if name in orca}
         weights = dict(self.weights)
         messages = await asyncio.to_thread(build_all, config, weights, self.body_router)
         self.config = config
-        self.cache.set_snapshot(messages, lambda node_cluster: config.group_for(node_cluster).name)
-        # Weights that moved while the build ran would be lost with the old snapshot.
+        self.cache.set_all(messages, lambda node_cluster: config.group_for(node_cluster).name)
+        # Weights that moved while the build ran would be lost with the old resources.
         for pool, current in list(self.weights.items()):
             if weights.get(pool) is not current:
                 self.publish_weights(pool, current)

@@ -40,6 +40,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from prometheus_client import CollectorRegistry, Counter
 
+from lrs.contract import raw_bytes
 from xds_server.config.types import MODEL_HEADER, Config, Listener
 from xds_server.resources.build import LISTENER_METADATA
 from xds_server.router.body import BodyError, extract_model
@@ -82,7 +83,7 @@ class RouterMetrics:
 
 
 _CONTINUE: Final = ep.ProcessingResponse(request_headers=ep.HeadersResponse()).SerializeToString()
-_PASS_BODY: Final = ep.ProcessingResponse(request_body=ep.BodyResponse()).SerializeToString()
+_PASS_BODY: Final[bytes] = ep.ProcessingResponse(request_body=ep.BodyResponse()).SerializeToString()
 _JSON: Final = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")
 )
@@ -97,7 +98,10 @@ def _route_answer(model: str) -> bytes:
     common = ep.CommonResponse(
         header_mutation=ep.HeaderMutation(set_headers=[header]), clear_route_cache=True
     )
-    return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common)).SerializeToString()
+    answer: bytes = ep.ProcessingResponse(
+        request_body=ep.BodyResponse(response=common)
+    ).SerializeToString()
+    return answer
 
 
 def _refusal(status: int, kind: str, message: str) -> bytes:
@@ -114,7 +118,8 @@ def _refusal(status: int, kind: str, message: str) -> bytes:
         body=json.dumps({"error": error}).encode(),
         details=f"body_router_{kind}",
     )
-    return ep.ProcessingResponse(immediate_response=answer).SerializeToString()
+    encoded: bytes = ep.ProcessingResponse(immediate_response=answer).SerializeToString()
+    return encoded
 
 
 def _quote(model: str) -> str:
@@ -170,14 +175,10 @@ class ListenerRoutes:
         return _refusal(status, kind, message)
 
 
-def _identity(payload: bytes) -> bytes:
-    return payload
-
-
 def _listener_name(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == LISTENER_METADATA:
-            return value
+            return str(value)
     return ""
 
 
@@ -215,7 +216,7 @@ class BodyRouter:
         process = grpc.stream_stream_rpc_method_handler(
             self._process,
             request_deserializer=ep.ProcessingRequest.FromString,
-            response_serializer=_identity,
+            response_serializer=raw_bytes,
         )
         return [grpc.method_handlers_generic_handler(SERVICE, {"Process": process})]
 

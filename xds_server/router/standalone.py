@@ -10,11 +10,10 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from xds_server.config.file_source import ConfigSource
+from xds_server.config.file_source import FileSource
+from xds_server.config.types import Config
 from xds_server.grpc_server import start_grpc_server
-from xds_server.resources.publisher import Publisher
 from xds_server.router.ext_proc import BodyRouter
-from xds_server.xds.cache import SnapshotCache
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,18 @@ class StandaloneRouter:
         watch_interval: float = 0.2,
     ) -> None:
         self.router = BodyRouter()
-        # Reloading goes the control plane's way (same validation, same watcher); the
-        # cache it fills is not served, only the configs it publishes are used.
-        publisher = Publisher(SnapshotCache())
-        publisher.on_config.append(self.router.update)
-        self.source = ConfigSource(snapshot, publisher)
+        # Reloading goes the control plane's way (same validation, same watcher).
+        self.source = FileSource(snapshot, self._follow)
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
         self.watch_interval = watch_interval
         self._server: grpc.aio.Server | None = None
         self._metrics: web.AppRunner | None = None
-        self._watcher: asyncio.Task | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _follow(self, config: Config) -> None:
+        self.router.update(config)
 
     async def start(self) -> None:
         """Raises SnapshotError for an invalid file and OSError when a port is taken."""

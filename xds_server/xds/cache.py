@@ -1,4 +1,4 @@
-"""Versioned snapshot cache: the only thing the protocol side and the config side share.
+"""Versioned resource cache: the only thing the protocol side and the config side share.
 
 Each resource is serialized once per content version, and the bytes that go on
 the wire for it (a one-resource SotW ``DiscoveryResponse`` and a one-resource
@@ -62,14 +62,14 @@ class Resource:
 
 
 @dataclass(frozen=True, slots=True)
-class TypeSnapshot:
+class TypeResources:
     """All resources of one type for one node group, with a version over all of them."""
 
     resources: Mapping[str, Resource]
     version: str
 
     @classmethod
-    def of(cls, resources: Mapping[str, Resource]) -> TypeSnapshot:
+    def of(cls, resources: Mapping[str, Resource]) -> TypeResources:
         digest = hashlib.blake2b(digest_size=8)
         for name in sorted(resources):
             digest.update(name.encode())
@@ -79,21 +79,21 @@ class TypeSnapshot:
         return cls(resources=dict(resources), version=digest.hexdigest())
 
 
-EMPTY_TYPE = TypeSnapshot.of({})
+EMPTY_TYPE = TypeResources.of({})
 
 
 @dataclass(frozen=True, slots=True)
-class GroupSnapshot:
+class GroupResources:
     """The four resource types served to one node group."""
 
     name: str
-    types: Mapping[str, TypeSnapshot]
+    types: Mapping[str, TypeResources]
 
-    def of_type(self, type_url: str) -> TypeSnapshot:
+    def of_type(self, type_url: str) -> TypeResources:
         return self.types.get(type_url, EMPTY_TYPE)
 
 
-EMPTY_GROUP = GroupSnapshot(name="", types={})
+EMPTY_GROUP = GroupResources(name="", types={})
 
 
 class Subscriber:
@@ -104,8 +104,8 @@ class Subscriber:
 
 
 @dataclass(slots=True)
-class SnapshotCache:
-    """Current snapshot per node group, and the streams to wake when it changes.
+class ResourceCache:
+    """Current resources per node group, and the streams to wake when they change.
 
     Streams pull: on a change the cache only wakes them, and each works out what
     its own client lacks. A wake-up that finds nothing new costs a version
@@ -114,15 +114,15 @@ class SnapshotCache:
     """
 
     resolver: Callable[[str], str] = lambda _node_cluster: "default"
-    groups: dict[str, GroupSnapshot] = field(default_factory=dict)
+    groups: dict[str, GroupResources] = field(default_factory=dict)
     generation: int = 0
     updated_at: float = 0.0
     _subscribers: set[Subscriber] = field(default_factory=set)
 
-    def group_for(self, node_cluster: str) -> GroupSnapshot:
+    def group_for(self, node_cluster: str) -> GroupResources:
         return self.groups.get(self.resolver(node_cluster), EMPTY_GROUP)
 
-    def set_snapshot(self, messages: GroupMessages, resolver: Callable[[str], str]) -> None:
+    def set_all(self, messages: GroupMessages, resolver: Callable[[str], str]) -> None:
         """Replace every group at once; unchanged resources keep their encoded bytes."""
         self.groups = {group: self._encode_group(group, types) for group, types in messages.items()}
         self.resolver = resolver
@@ -130,12 +130,12 @@ class SnapshotCache:
 
     def update_resources(self, group: str, type_url: str, changes: Mapping[str, Message]) -> None:
         """Replace some resources of one type in one group (the weight path)."""
-        current = self.groups.get(group, GroupSnapshot(name=group, types={}))
+        current = self.groups.get(group, GroupResources(name=group, types={}))
         resources = dict(current.of_type(type_url).resources)
         resources.update(self._encode(type_url, changes, resources))
         types = dict(current.types)
-        types[type_url] = TypeSnapshot.of(resources)
-        self.groups = {**self.groups, group: GroupSnapshot(name=group, types=types)}
+        types[type_url] = TypeResources.of(resources)
+        self.groups = {**self.groups, group: GroupResources(name=group, types=types)}
         self._changed()
 
     def subscribe(self, subscriber: Subscriber) -> None:
@@ -156,15 +156,15 @@ class SnapshotCache:
 
     def _encode_group(
         self, group: str, types: Mapping[str, Mapping[str, Message]]
-    ) -> GroupSnapshot:
+    ) -> GroupResources:
         previous = self.groups.get(group, EMPTY_GROUP)
         encoded = {}
         for type_url in typeurls.ORDER:
             known = previous.of_type(type_url).resources
-            encoded[type_url] = TypeSnapshot.of(
+            encoded[type_url] = TypeResources.of(
                 self._encode(type_url, types.get(type_url, {}), known)
             )
-        return GroupSnapshot(name=group, types=encoded)
+        return GroupResources(name=group, types=encoded)
 
     @staticmethod
     def _encode(

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from xds_server.xds import typeurls
-from xds_server.xds.cache import GroupSnapshot
+from xds_server.xds.cache import GroupResources
 
 
 @dataclass(slots=True)
@@ -53,7 +53,7 @@ class TypeStatus:
     sent_version: str = ""
     sent_at: float = 0.0
     acked_at: float = 0.0
-    synced_version: str = ""  # snapshot version at which nothing was pending for this client
+    synced_version: str = ""  # cache version at which nothing was pending for this client
     subscribed: list[str] | None = None  # None: wildcard
     _responses: int = 0
     _acked_version: str = ""
@@ -120,7 +120,7 @@ class Client:
 
         return report
 
-    def in_sync(self, group: GroupSnapshot) -> bool:
+    def in_sync(self, group: GroupResources) -> bool:
         """Every type it asked for has been answered at the group's current version.
 
         Answered means ACKed, or NACKed and held back until the config changes, or
@@ -131,7 +131,7 @@ class Client:
             for url, status in self.types.items()
         )
 
-    def to_json(self, group: GroupSnapshot) -> dict[str, Any]:
+    def to_json(self, group: GroupResources) -> dict[str, Any]:
         return {
             "stream_id": self.stream_id,
             "id": self.node_id,
@@ -198,7 +198,7 @@ class ClientRegistry:
     def close(self, client: Client) -> None:
         self._clients.pop(client.stream_id, None)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Client]:
         return iter(list(self._clients.values()))
 
     def __len__(self) -> int:

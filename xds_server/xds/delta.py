@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_server.xds import typeurls
-from xds_server.xds.cache import Resource, TypeSnapshot, join_chunks
+from xds_server.xds.cache import Resource, TypeResources, join_chunks
 from xds_server.xds.clients import Nack
-from xds_server.xds.sotw import CONTROL_PLANE
-from xds_server.xds.stream import Stream, next_nonce
+from xds_server.xds.stream import CONTROL_PLANE, Stream, next_nonce
 
 
 @dataclass(slots=True)
@@ -42,7 +41,7 @@ class DeltaTypeState:
     names: set[str] = field(default_factory=set)
     wildcard: bool = False
     requested: bool = False
-    dirty: bool = True  # something besides the snapshot changed since the last look
+    dirty: bool = True  # something besides the cache changed since the last look
     held: dict[str, str] = field(default_factory=dict)  # name -> version the client has
     in_flight: _InFlight | None = None
     rejected: dict[str, str] = field(default_factory=dict)
@@ -66,11 +65,11 @@ class DeltaTypeState:
                 self.names.discard(name)
                 self.held.pop(name, None)
 
-    def to_send(self, snapshot: TypeSnapshot) -> tuple[dict[str, Resource], list[str]] | None:
+    def to_send(self, served: TypeResources) -> tuple[dict[str, Resource], list[str]] | None:
         """(updated resources, removed names) for the next response, or None."""
         if not self.requested or self.in_flight is not None:
             return None
-        resources = snapshot.resources
+        resources = served.resources
         chosen = (
             resources if self.wildcard else {n: resources[n] for n in self.names if n in resources}
         )
@@ -86,7 +85,7 @@ class DeltaTypeState:
         return updated, removed
 
 
-class DeltaStream(Stream):
+class DeltaStream(Stream[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest]):
     """A Delta stream (ADS or one type)."""
 
     protocol = "delta"
@@ -134,14 +133,14 @@ class DeltaStream(Stream):
         status.synced_version = in_flight.version  # it held all the client lacked then
         return True
 
-    def respond(self, state: DeltaTypeState, snapshot: TypeSnapshot) -> bytes | None:
-        change = state.to_send(snapshot)
+    def respond(self, state: DeltaTypeState, served: TypeResources) -> bytes | None:
+        change = state.to_send(served)
         if change is None:
             return None
         updated, removed = change
         if state.type_url == typeurls.CLUSTER:
             self._resend_endpoints_of_updated(state, updated)
-        return self._response(state, snapshot.version, updated, removed)
+        return self._response(state, served.version, updated, removed)
 
     def _response(
         self,

@@ -7,19 +7,24 @@ response is re-encoded per stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from lrs.contract import raw_bytes
 from xds_server.xds import typeurls
-from xds_server.xds.cache import SnapshotCache, join_chunks
+from xds_server.xds.cache import ResourceCache, join_chunks
 from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.delta import DeltaStream
-from xds_server.xds.sotw import CONTROL_PLANE, SotwStream, SotwTypeState
-from xds_server.xds.stream import Stream, serve
+from xds_server.xds.sotw import SotwStream, SotwTypeState
+from xds_server.xds.stream import CONTROL_PLANE, Request, State, Stream, serve
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+_SOTW: Callable[[bytes], discovery_pb2.DiscoveryRequest] = discovery_pb2.DiscoveryRequest.FromString
+_DELTA: Callable[[bytes], discovery_pb2.DeltaDiscoveryRequest] = (
+    discovery_pb2.DeltaDiscoveryRequest.FromString
+)
 
 #: gRPC service name, method stem (Stream{stem} / Delta{stem} / Fetch{stem}) and type served.
 PER_TYPE_SERVICES = (
@@ -30,69 +35,67 @@ PER_TYPE_SERVICES = (
 )
 
 
-def _identity(payload: bytes) -> bytes:
-    return payload
-
-
 class DiscoveryServices:
     """Builds the gRPC handlers for every discovery service over one cache."""
 
-    def __init__(self, cache: SnapshotCache, registry: ClientRegistry) -> None:
+    def __init__(self, cache: ResourceCache, registry: ClientRegistry) -> None:
         self.cache = cache
         self.registry = registry
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         ads = {
-            "StreamAggregatedResources": self._stream_handler(SotwStream, "ads", None),
-            "DeltaAggregatedResources": self._stream_handler(DeltaStream, "ads", None),
+            "StreamAggregatedResources": self._stream_handler(SotwStream, _SOTW, "ads", None),
+            "DeltaAggregatedResources": self._stream_handler(DeltaStream, _DELTA, "ads", None),
         }
         handlers = [grpc.method_handlers_generic_handler(ADS_SERVICE, ads)]
         for service, stem, type_url in PER_TYPE_SERVICES:
             short = typeurls.SHORT_NAMES[type_url]
             methods = {
-                f"Stream{stem}": self._stream_handler(SotwStream, short, type_url),
-                f"Delta{stem}": self._stream_handler(DeltaStream, short, type_url),
+                f"Stream{stem}": self._stream_handler(SotwStream, _SOTW, short, type_url),
+                f"Delta{stem}": self._stream_handler(DeltaStream, _DELTA, short, type_url),
                 f"Fetch{stem}": grpc.unary_unary_rpc_method_handler(
                     self._fetcher(type_url),
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                    response_serializer=_identity,
+                    response_serializer=raw_bytes,
                 ),
             }
             handlers.append(grpc.method_handlers_generic_handler(service, methods))
         return handlers
 
     def _stream_handler(
-        self, kind: type[Stream], service: str, type_url: str | None
+        self,
+        kind: type[Stream[State, Request]],
+        parse: Callable[[bytes], Request],
+        service: str,
+        type_url: str | None,
     ) -> grpc.RpcMethodHandler:
-        request_type = (
-            discovery_pb2.DeltaDiscoveryRequest
-            if kind is DeltaStream
-            else discovery_pb2.DiscoveryRequest
-        )
-
-        async def handle(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
+        async def handle(
+            requests: AsyncIterator[Request], context: grpc.aio.ServicerContext
+        ) -> None:
             stream = kind(self.cache, self.registry, service, type_url, context.peer())
             await serve(stream, requests, context)
 
         return grpc.stream_stream_rpc_method_handler(
-            handle, request_deserializer=request_type.FromString, response_serializer=_identity
+            handle, request_deserializer=parse, response_serializer=raw_bytes
         )
 
-    def _fetcher(self, type_url: str) -> Callable:
+    def _fetcher(
+        self, type_url: str
+    ) -> Callable[[discovery_pb2.DiscoveryRequest, grpc.aio.ServicerContext], Awaitable[bytes]]:
         """REST-style one-shot fetch: the current resources, no state kept."""
 
         async def fetch(
             request: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext
         ) -> bytes:
             group = self.cache.group_for(request.node.cluster)
-            snapshot = group.of_type(type_url)
+            served = group.of_type(type_url)
             state = SotwTypeState(type_url)
             state.subscribe(list(request.resource_names))
-            wanted = state.wanted(snapshot)
-            if request.version_info == snapshot.version:
+            wanted = state.wanted(served)
+            if request.version_info == served.version:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "not modified")  # no change
             header = discovery_pb2.DiscoveryResponse(
-                version_info=snapshot.version, type_url=type_url, control_plane=CONTROL_PLANE
+                version_info=served.version, type_url=type_url, control_plane=CONTROL_PLANE
             )
             return join_chunks((r.sotw_chunk for r in wanted.values()), header)
 

@@ -19,15 +19,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_server.xds import typeurls
-from xds_server.xds.cache import Resource, TypeSnapshot, join_chunks
+from xds_server.xds.cache import Resource, TypeResources, join_chunks
 from xds_server.xds.clients import Nack
-from xds_server.xds.stream import Stream, next_nonce
-
-CONTROL_PLANE = base_pb2.ControlPlane(identifier="xds-server")
+from xds_server.xds.stream import CONTROL_PLANE, Stream, next_nonce
 
 
 @dataclass(slots=True)
@@ -45,7 +42,7 @@ class SotwTypeState:
     names: set[str] = field(default_factory=set)
     wildcard: bool = False
     requested: bool = False
-    dirty: bool = True  # something besides the snapshot changed since the last look
+    dirty: bool = True  # something besides the cache changed since the last look
     answered: bool = False  # a response (or a matching version) has settled the first request
     client_version: str = ""  # version_info of the client's first request (reconnect)
     known: dict[str, str] = field(default_factory=dict)  # ACKed name -> version
@@ -70,19 +67,19 @@ class SotwTypeState:
         for gone in [n for n in self.known if n not in self.names]:
             del self.known[gone]
 
-    def wanted(self, snapshot: TypeSnapshot) -> dict[str, Resource]:
+    def wanted(self, served: TypeResources) -> dict[str, Resource]:
         if self.wildcard:
-            return dict(snapshot.resources)
-        return {n: r for n, r in snapshot.resources.items() if n in self.names}
+            return dict(served.resources)
+        return {n: r for n, r in served.resources.items() if n in self.names}
 
-    def to_send(self, snapshot: TypeSnapshot) -> dict[str, Resource] | None:
+    def to_send(self, served: TypeResources) -> dict[str, Resource] | None:
         """The resources of the next response, or None when the client needs none."""
         if not self.requested or self.in_flight is not None:
             return None
-        wanted = self.wanted(snapshot)
+        wanted = self.wanted(served)
         if self.full_state:
             versions = {n: r.version for n, r in wanted.items()}
-            if not self.answered and self.client_version == snapshot.version:
+            if not self.answered and self.client_version == served.version:
                 self.known, self.answered = versions, True  # a reconnect: it has all of it
                 return None
             if self.answered and versions == self.known and not self.resend_all:
@@ -98,7 +95,7 @@ class SotwTypeState:
         return {n: r for n, r in wanted.items() if self.rejected.get(n) != r.version} or None
 
 
-class SotwStream(Stream):
+class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
     """A State-of-the-World stream (ADS or one type)."""
 
     protocol = "sotw"
@@ -158,11 +155,11 @@ class SotwStream(Stream):
         status.synced_version = in_flight.version
         return True
 
-    def respond(self, state: SotwTypeState, snapshot: TypeSnapshot) -> bytes | None:
-        resources = state.to_send(snapshot)
+    def respond(self, state: SotwTypeState, served: TypeResources) -> bytes | None:
+        resources = state.to_send(served)
         if resources is None:
             return None
-        payload = self._response(state, snapshot.version, resources)
+        payload = self._response(state, served.version, resources)
         if state.type_url == typeurls.CLUSTER:
             self._resend_endpoints_of_updated(state, resources)
         return payload

@@ -12,17 +12,25 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 
 from xds_server.xds import typeurls
-from xds_server.xds.cache import EMPTY_GROUP, GroupSnapshot, SnapshotCache, Subscriber, TypeSnapshot
+from xds_server.xds.cache import (
+    EMPTY_GROUP,
+    GroupResources,
+    ResourceCache,
+    Subscriber,
+    TypeResources,
+)
 from xds_server.xds.clients import Client, ClientRegistry
 
 log = logging.getLogger(__name__)
 
+#: Names this server in every response (Envoy shows it in its config dump).
+CONTROL_PLANE = base_pb2.ControlPlane(identifier="xds-server")
 _nonces = itertools.count(1)
 
 
@@ -31,18 +39,33 @@ def next_nonce() -> str:
     return str(next(_nonces))
 
 
+class TypeState(Protocol):
+    """What the shared serve loop reads of a protocol's per-type state."""
+
+    requested: bool  # the client has asked for this type on this stream
+    dirty: bool  # something besides the cache changed since the last look
+
+    @property
+    def in_flight(self) -> object | None: ...
+
+
+State = TypeVar("State", bound=TypeState)
+Request = TypeVar("Request")
+
+
 class ProtocolError(Exception):
     """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
 
 
-class Stream(Subscriber):
-    """State of one xDS stream, independent of the wire."""
+class Stream(Subscriber, Generic[State, Request]):
+    """State of one xDS stream, independent of the wire; typed by the protocol's per-type
+    state and request message (SotW and Delta)."""
 
     protocol = ""
 
     def __init__(
         self,
-        cache: SnapshotCache,
+        cache: ResourceCache,
         registry: ClientRegistry,
         service: str,
         fixed_type: str | None = None,
@@ -52,7 +75,7 @@ class Stream(Subscriber):
         self.fixed_type = fixed_type
         self.client: Client = registry.open(self.protocol, service, peer)
         self.wakeup = asyncio.Event()
-        self.states: dict[str, Any] = {}  # type URL -> the protocol's per-type state
+        self.states: dict[str, State] = {}  # type URL -> the protocol's per-type state
         self._registry = registry
         self._warned_types: set[str] = set()
 
@@ -63,7 +86,7 @@ class Stream(Subscriber):
         self._registry.close(self.client)
 
     @property
-    def group(self) -> GroupSnapshot | None:
+    def group(self) -> GroupResources | None:
         """The node's group as of now: a reload may move a node.cluster to another group."""
         if not self.client.node_id:
             return None
@@ -98,10 +121,10 @@ class Stream(Subscriber):
             return None
         return type_url
 
-    def on_request(self, request: Any) -> None:  # pragma: no cover - interface
+    def on_request(self, request: Request) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def respond(self, state: Any, snapshot: TypeSnapshot) -> bytes | None:  # pragma: no cover
+    def respond(self, state: State, served: TypeResources) -> bytes | None:  # pragma: no cover
         """The next response for one type, or None when this client needs nothing now."""
         raise NotImplementedError
 
@@ -109,7 +132,7 @@ class Stream(Subscriber):
         """What to write now, in ADS order.
 
         A type found with nothing to send and nothing in flight is synced at the
-        snapshot's version; until a request or a resend marks it dirty again, a
+        cache's version; until a request or a resend marks it dirty again, a
         wake-up at that same version skips it without looking at its resources
         (the common case when a change touches one type of many streams).
         """
@@ -121,16 +144,16 @@ class Stream(Subscriber):
             state = self.states.get(type_url)
             if state is None or not state.requested:
                 continue
-            snapshot = group.of_type(type_url)
+            served = group.of_type(type_url)
             status = self.client.status(type_url)
-            if not state.dirty and status.synced_version == snapshot.version:
+            if not state.dirty and status.synced_version == served.version:
                 continue
             state.dirty = False
-            payload = self.respond(state, snapshot)
+            payload = self.respond(state, served)
             if payload is not None:
                 out.append(payload)
             elif state.in_flight is None:
-                status.synced_version = snapshot.version
+                status.synced_version = served.version
         return out
 
 
@@ -139,7 +162,9 @@ class Context(Protocol):
     async def abort(self, code: grpc.StatusCode, details: str) -> None: ...
 
 
-async def serve(stream: Stream, requests: AsyncIterator[Any], context: Context) -> None:
+async def serve(
+    stream: Stream[State, Request], requests: AsyncIterator[Request], context: Context
+) -> None:
     """Run one stream until the client goes away; never raises for client behaviour."""
     failure: list[ProtocolError] = []
 
