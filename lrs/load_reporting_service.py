@@ -38,6 +38,8 @@ from lrs.load_store import SLICE_STATS, LoadStore, Report
 from lrs.pacing import IntervalGovernor
 from lrs.wire import TrimmedReport
 
+__all__ = ["MAX_NODE_ID", "METHOD", "REASK_AFTER", "SERVICE", "LoadReportingService"]
+
 log = logging.getLogger(__name__)
 
 SERVICE: Final = "envoy.service.load_stats.v3.LoadReportingService"

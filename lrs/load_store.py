@@ -32,6 +32,21 @@ from lrs.load_window import Addresses, Cluster, Reporter, ReporterState, Series,
 from lrs.weights.signals import EndpointLoad
 from lrs.wire import TrimmedReport
 
+__all__ = [
+    "MAX_COUNT",
+    "MAX_INTERVAL",
+    "MAX_MEAN",
+    "MAX_NAME",
+    "MAX_UTILIZATION",
+    "MIN_INTERVAL",
+    "SLICE_STATS",
+    "UNNAMED_METRICS",
+    "LoadStore",
+    "Report",
+    "is_utilization",
+    "trimmed",
+]
+
 #: The most requests one report interval may carry (2**30 - 1, ~1.07e9); more is corruption.
 #: One less than a power of two, so `(a | b | c) > MAX_COUNT` checks several counts at once.
 MAX_COUNT: Final = 2**30 - 1

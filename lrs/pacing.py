@@ -14,6 +14,8 @@ import math
 from collections import deque
 from typing import Final
 
+__all__ = ["LOWER_BELOW", "MIN_CHANGE", "TARGET_SHARE", "IntervalGovernor"]
+
 #: After a change, aim this far under the budget, so a steady load does not flap.
 TARGET_SHARE: Final = 0.8
 #: Lower the interval only once usage is under this share of the budget.

@@ -25,6 +25,8 @@ from envoy.config.endpoint.v3 import load_report_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.message import Message
 
+__all__ = ["TrimmedReport"]
+
 _FILE: Final = "xds_server_lrs_wire.proto"
 _PACKAGE: Final = "xds_server.lrs.wire"
 _F = descriptor_pb2.FieldDescriptorProto

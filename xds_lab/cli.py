@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from xds_lab.simulator.options import add_arguments as add_simulator_arguments
-from xds_server import __version__
-from xds_server.cli import port_number
+from xds_server.cli import command_parser, port_number, start_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="xds-lab",
-        description="Demos, simulated model servers and test rigs for xds-server.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    parser = command_parser(
+        "xds-lab", "Demos, simulated model servers and test rigs for xds-server."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -100,10 +93,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    start_logging(args)
     handlers = {"demo": cmd_demo, "simulate": cmd_simulate}
     return handlers[args.command](args)
 

@@ -29,6 +29,8 @@ from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.services import DiscoveryServices
 
+__all__ = ["ControlPlane", "Settings"]
+
 log = logging.getLogger(__name__)
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+__all__ = ["XDS_CLUSTER", "envoy_bootstrap", "render_yaml"]
+
 XDS_CLUSTER = "xds_cluster"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 

@@ -12,6 +12,20 @@ from pathlib import Path
 
 from xds_server import __version__
 
+__all__ = [
+    "DEFAULT_SNAPSHOT",
+    "build_parser",
+    "cmd_body_router",
+    "cmd_bootstrap",
+    "cmd_validate",
+    "command_parser",
+    "default_snapshot",
+    "host_port",
+    "main",
+    "port_number",
+    "start_logging",
+]
+
 DEFAULT_SNAPSHOT = "data/demo.yaml"
 
 
@@ -43,15 +57,26 @@ def _positive(value: str) -> float:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="xds-server",
-        description="xDS control plane for LLM inference fleets (ADS SotW + Delta for Envoy "
-        "and proxyless gRPC).",
-    )
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with --version and --log-level (xds-server's, and xds-lab's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def start_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser(
+        "xds-server", "xDS control plane for LLM inference fleets (ADS SotW + Delta for Envoy)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -271,10 +296,7 @@ def cmd_body_router(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    start_logging(args)
     if args.command == "serve":
         return asyncio.run(_serve(args))
     handlers = {

@@ -16,6 +16,8 @@ from xds_server.config.state_file import OverlayState
 from xds_server.config.types import Endpoint, Pool
 from xds_server.resources.publisher import Publisher
 
+__all__ = ["EndpointView", "FleetView", "LoadProvider"]
+
 #: pool name -> endpoint key -> the latest merged load of that endpoint (lrs.store).
 LoadProvider = Callable[[str], Mapping[str, EndpointLoad]]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import grpc
 
+__all__ = ["SERVER_OPTIONS", "start_grpc_server"]
+
 #: Options for every gRPC server of ours: large LRS reports (a node is ~61 KB),
 #: and keepalive so a vanished client's stream is noticed and freed.
 SERVER_OPTIONS = (

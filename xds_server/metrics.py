@@ -33,6 +33,19 @@ from xds_server.xds import typeurls
 from xds_server.xds.cache import ResourceCache, Subscriber
 from xds_server.xds.clients import Client, ClientRegistry, TypeStatus, sync_state
 
+__all__ = [
+    "CONVERGENCE_BUCKETS",
+    "MAX_LOAD_METRICS",
+    "VERSION_HISTORY",
+    "ControlLoopCollector",
+    "LoadCollector",
+    "Metrics",
+    "ProtocolMetrics",
+    "StateCollector",
+    "VersionClock",
+    "version_number",
+]
+
 #: Push-to-ACK times run from ~1 ms (one Envoy, a small change) to seconds (a big fleet).
 CONVERGENCE_BUCKETS: Final = (
     0.001,

@@ -60,6 +60,17 @@ from lrs.weights.params import Params
 from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
 from lrs.weights.tracking import Track, first, fold, report_time
 
+__all__ = [
+    "ACTIVE",
+    "BLACKOUT",
+    "HELD",
+    "IDLE",
+    "NO_SIGNAL",
+    "SATURATED",
+    "STALE",
+    "HeadroomPolicy",
+]
+
 ACTIVE: Final = "active"  # weighted by its own capacity estimate
 SATURATED: Final = "saturated"  # taken out of rotation: a trickle, or priority 1
 BLACKOUT: Final = "blackout"  # new or back after a silence: neutral until data settles

@@ -14,6 +14,8 @@ from typing import Any, Final, TypeGuard
 
 from lrs.contract import MAX_WEIGHT
 
+__all__ = ["KEYS", "MAX_SECONDS", "SATURATED_ACTIONS", "ParamError", "Params", "parse_params"]
+
 SATURATED_ACTIONS: Final = ("min_weight", "lower_priority")
 #: Longest duration a parameter may hold (about 11.6 days): far beyond any sane window,
 #: small enough that sums with monotonic timestamps stay exact in a float.

@@ -17,6 +17,8 @@ from lrs.weights.headroom import HeadroomPolicy
 from lrs.weights.params import Params, parse_params
 from lrs.weights.signals import EndpointInput, PoolWeights
 
+__all__ = ["BUILT_IN", "UINT32_MAX", "PolicyError", "WeightPolicy", "check_weights", "load_policy"]
+
 BUILT_IN: Final = {"headroom": HeadroomPolicy}
 #: Envoy's limit for the sum of weights in a locality and of locality weights (uint32).
 UINT32_MAX: Final = 2**32 - 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+__all__ = ["EndpointInput", "EndpointLoad", "PoolWeights"]
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointLoad:

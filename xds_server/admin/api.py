@@ -24,6 +24,8 @@ from xds_server.metrics import Metrics
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 
+__all__ = ["MAX_BODY", "AdminApi", "start_admin"]
+
 #: Request bodies are one endpoint: a few hundred bytes. Anything near this is not ours.
 MAX_BODY: Final = 64 * 1024
 

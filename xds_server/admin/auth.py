@@ -20,6 +20,8 @@ from aiohttp.typedefs import Middleware
 
 from xds_server.admin.http import Handler, error_response
 
+__all__ = ["READ_METHODS", "TOKEN_ENV", "TokenError", "require_token", "resolve_token"]
+
 TOKEN_ENV: Final = "XDS_ADMIN_TOKEN"
 #: Methods that only read; anything else changes state and needs the token.
 READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})

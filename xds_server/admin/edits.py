@@ -26,6 +26,8 @@ from xds_server.config.state_file import OverlayState
 from xds_server.config.types import UINT32_MAX, Endpoint, Pool, SnapshotError
 from xds_server.fleet import FleetView
 
+__all__ = ["Coalescer", "Edit", "EditRoutes", "OverlayEditor", "PoolState"]
+
 log = logging.getLogger(__name__)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+__all__ = ["ApiError", "Handler", "error_response", "json_errors", "json_response", "read_json"]
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

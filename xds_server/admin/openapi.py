@@ -11,6 +11,8 @@ from typing import Any, Final
 
 from xds_server import __version__
 
+__all__ = ["DOCUMENT"]
+
 _ERROR: Final = {"$ref": "#/components/schemas/Error"}
 _OBJECT: Final = {"type": "object"}
 

@@ -11,6 +11,8 @@ from importlib import resources
 
 from aiohttp import web
 
+__all__ = ["StatusPage"]
+
 _FILES = {"index.html": "text/html", "status.js": "text/javascript"}
 
 

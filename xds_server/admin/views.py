@@ -22,6 +22,8 @@ from xds_server.xds import typeurls
 from xds_server.xds.cache import Resource, ResourceCache
 from xds_server.xds.clients import ClientRegistry
 
+__all__ = ["MESSAGE_TYPES", "ReadViews", "served_pool"]
+
 MESSAGE_TYPES = {
     typeurls.CLUSTER: cluster_pb2.Cluster,
     typeurls.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,

@@ -18,6 +18,8 @@ from pathlib import Path
 from xds_server.config.reader import load_config
 from xds_server.config.types import Config, SnapshotError
 
+__all__ = ["FileSource", "LoadOutcome", "Publish"]
+
 log = logging.getLogger(__name__)
 
 

@@ -25,6 +25,8 @@ from typing import Any, Final
 from xds_server.config.reader import parse_endpoint
 from xds_server.config.types import Config, Endpoint, Pool, SnapshotError
 
+__all__ = ["FORMAT", "Overlay", "PoolOverlay", "endpoint_key"]
+
 #: The state file's format version; a file of another version is refused, not guessed at.
 FORMAT: Final = 1
 

@@ -18,6 +18,23 @@ from xds_server.config.types import (
     Problem,
 )
 
+__all__ = [
+    "BOOLEAN",
+    "INTEGER",
+    "LIST",
+    "NUMBER",
+    "REQUIRED",
+    "STRING",
+    "Kind",
+    "Reader",
+    "declared_names",
+    "describe",
+    "is_int",
+    "join",
+    "name_entries",
+    "unknown",
+]
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 _QUOTED_NUMBER = re.compile(r"\s*[-+]?\d+(\.\d*)?\s*")
 T = TypeVar("T")

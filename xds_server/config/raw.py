@@ -27,6 +27,8 @@ from xds_server.config.types import (
     RawResources,
 )
 
+__all__ = ["read_raw"]
+
 # --------------------------------------------------------------------------- raw resources
 
 

@@ -52,6 +52,8 @@ from xds_server.config.types import (
     SplitTarget,
 )
 
+__all__ = ["load_config", "parse_config", "parse_endpoint"]
+
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # --------------------------------------------------------------------------- sections
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from xds_server.config.overlay import Overlay
 from xds_server.config.types import Config
 
+__all__ = ["OverlayState", "StateFileError", "read_state", "write_state"]
+
 
 class StateFileError(Exception):
     """The state file exists but cannot be used; the message names the file and the problem."""

@@ -17,6 +17,34 @@ from envoy.config.route.v3 import route_pb2
 
 from lrs.weights.params import Params
 
+__all__ = [
+    "BODY_ROUTER_ADDRESS",
+    "BODY_ROUTER_PORT",
+    "CSWRR",
+    "DEFAULT_GROUP",
+    "FAILURE_MODES",
+    "LB_POLICIES",
+    "MAX_BODY_BYTES",
+    "MAX_RAW_VALUES",
+    "MAX_ROUTER_TIMEOUT",
+    "MAX_SECONDS",
+    "MIN_CONNECT_TIMEOUT",
+    "MODEL_HEADER",
+    "UINT32_MAX",
+    "WEIGHTINGS",
+    "BodyRouterSettings",
+    "Config",
+    "Endpoint",
+    "Listener",
+    "NodeGroup",
+    "Pool",
+    "Problem",
+    "RawResources",
+    "Route",
+    "SnapshotError",
+    "SplitTarget",
+]
+
 DEFAULT_GROUP: Final = "default"
 #: client_side_weighted_round_robin: Envoy weighs endpoints itself from the ORCA headers of
 #: responses (qps / utilization), ignoring EDS weights.

@@ -58,6 +58,26 @@ from xds_server.config.types import (
 )
 from xds_server.xds import typeurls
 
+__all__ = [
+    "BODY_ROUTER_CLUSTER",
+    "CSWRR_EXTENSION",
+    "CSWRR_MIN_UPDATE",
+    "DEFAULT_BODY_ROUTER",
+    "EXT_PROC_FILTER",
+    "HCM_FILTER",
+    "LISTENER_METADATA",
+    "ORCA_LRS_METRICS",
+    "ROUTER_FILTER",
+    "Resources",
+    "body_router_cluster",
+    "build_all",
+    "build_group_resources",
+    "cluster",
+    "cluster_load_assignment",
+    "listener",
+    "route_configuration",
+]
+
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER: Final = "envoy.filters.http.router"
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"

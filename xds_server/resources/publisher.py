@@ -19,6 +19,8 @@ from xds_server.resources.build import DEFAULT_BODY_ROUTER, build_all, cluster_l
 from xds_server.xds import typeurls
 from xds_server.xds.cache import ResourceCache
 
+__all__ = ["Publisher"]
+
 log = logging.getLogger(__name__)
 
 

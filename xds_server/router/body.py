@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Final
 
+__all__ = ["BAD_MODEL", "INVALID_JSON", "NOT_AN_OBJECT", "BodyError", "extract_model"]
+
 #: A body error's kind: a label of the router's error metric and the JSON error's "code".
 INVALID_JSON: Final = "invalid_json"
 NOT_AN_OBJECT: Final = "not_an_object"

@@ -45,6 +45,17 @@ from xds_server.config.types import MODEL_HEADER, Config, Listener
 from xds_server.resources.build import LISTENER_METADATA
 from xds_server.router.body import BodyError, extract_model
 
+__all__ = [
+    "MISSING_MODEL",
+    "SERVICE",
+    "UNEXPECTED_MESSAGE",
+    "UNKNOWN_LISTENER",
+    "UNKNOWN_MODEL",
+    "BodyRouter",
+    "ListenerRoutes",
+    "RouterMetrics",
+]
+
 log = logging.getLogger(__name__)
 
 SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"

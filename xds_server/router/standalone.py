@@ -15,6 +15,8 @@ from xds_server.config.types import Config
 from xds_server.grpc_server import start_grpc_server
 from xds_server.router.ext_proc import BodyRouter
 
+__all__ = ["StandaloneRouter"]
+
 log = logging.getLogger(__name__)
 
 

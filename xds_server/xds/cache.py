@@ -23,6 +23,19 @@ from google.protobuf.message import Message
 
 from xds_server.xds import typeurls
 
+__all__ = [
+    "EMPTY_GROUP",
+    "EMPTY_TYPE",
+    "GroupMessages",
+    "GroupResources",
+    "Resource",
+    "ResourceCache",
+    "Subscriber",
+    "TypeResources",
+    "content_version",
+    "join_chunks",
+]
+
 #: group name -> type URL -> resource name -> message
 GroupMessages = Mapping[str, Mapping[str, Mapping[str, Message]]]
 

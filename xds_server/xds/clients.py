@@ -16,6 +16,8 @@ from typing import Any, Protocol
 from xds_server.xds import typeurls
 from xds_server.xds.cache import GroupResources
 
+__all__ = ["Client", "ClientObserver", "ClientRegistry", "Nack", "TypeStatus", "sync_state"]
+
 
 @dataclass(slots=True)
 class Nack:

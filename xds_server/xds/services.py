@@ -20,6 +20,8 @@ from xds_server.xds.delta import DeltaStream
 from xds_server.xds.sotw import SotwStream, SotwTypeState
 from xds_server.xds.stream import CONTROL_PLANE, Request, State, Stream, serve
 
+__all__ = ["ADS_SERVICE", "PER_TYPE_SERVICES", "DiscoveryServices"]
+
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _SOTW: Callable[[bytes], discovery_pb2.DiscoveryRequest] = discovery_pb2.DiscoveryRequest.FromString
 _DELTA: Callable[[bytes], discovery_pb2.DeltaDiscoveryRequest] = (

@@ -26,6 +26,8 @@ from xds_server.xds.cache import Resource, TypeResources, join_chunks
 from xds_server.xds.clients import Nack
 from xds_server.xds.stream import CONTROL_PLANE, Stream, next_nonce
 
+__all__ = ["SotwStream", "SotwTypeState"]
+
 
 @dataclass(slots=True)
 class _InFlight:

@@ -27,6 +27,18 @@ from xds_server.xds.cache import (
 )
 from xds_server.xds.clients import Client, ClientRegistry
 
+__all__ = [
+    "CONTROL_PLANE",
+    "Context",
+    "ProtocolError",
+    "Request",
+    "State",
+    "Stream",
+    "TypeState",
+    "next_nonce",
+    "serve",
+]
+
 log = logging.getLogger(__name__)
 
 #: Names this server in every response (Envoy shows it in its config dump).

@@ -6,6 +6,8 @@ warms a cluster or listener whose dependencies are not on their way yet.
 
 from typing import Final
 
+__all__ = ["CLUSTER", "ENDPOINT", "FULL_STATE", "LISTENER", "ORDER", "ROUTE", "SHORT_NAMES"]
+
 CLUSTER: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT: Final = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
