@@ -41,6 +41,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from lrs.contract import raw_bytes
+from xds_lab.envoy_rig import BENCH_LIMITS
+from xds_server.admission import Admission
 from xds_server.config.reader import parse_config
 from xds_server.config.types import Pool
 from xds_server.grpc_server import SERVER_OPTIONS, start_grpc_server
@@ -183,7 +185,8 @@ class ServerUnderTest:
 
 async def run_server(pools: int, endpoints: int) -> NoReturn:
     under_test = ServerUnderTest(pools, endpoints)
-    services = DiscoveryServices(under_test.cache, under_test.registry)
+    gate = Admission(BENCH_LIMITS).gate
+    services = DiscoveryServices(under_test.cache, under_test.registry, gate)
     _server, port = await start_grpc_server(services.handlers(), "127.0.0.1", 0)  # keep a ref
     print(json.dumps({"port": port}), flush=True)
     await command_loop(under_test.handle)

@@ -47,6 +47,8 @@ from lrs.contract import raw_bytes
 from lrs.load_reporting_service import METHOD, SERVICE, LoadReportingService
 from lrs.load_store import SLICE_STATS, LoadStore
 from lrs.wire import TrimmedReport
+from xds_lab.envoy_rig import BENCH_LIMITS
+from xds_server.admission import Admission
 from xds_server.grpc_server import SERVER_OPTIONS, start_grpc_server
 from xds_server.xds import typeurls
 from xds_server.xds.services import DiscoveryServices
@@ -160,7 +162,8 @@ async def run_ours(pools: int, endpoints: int, slice_stats: int) -> NoReturn:
     names = [pool_name(p) for p in range(pools)]
     service = LoadReportingService(store, lambda _: names, slice_stats=slice_stats)
     xds = ServerUnderTest(pools, endpoints)
-    handlers = [*DiscoveryServices(xds.cache, xds.registry).handlers(), *service.handlers()]
+    gate = Admission(BENCH_LIMITS).gate
+    handlers = [*DiscoveryServices(xds.cache, xds.registry, gate).handlers(), *service.handlers()]
     _server, port = await start_grpc_server(handlers, "127.0.0.1", 0)  # keep a ref
     print(json.dumps({"port": port}), flush=True)
     await command_loop(lambda _: counters(service.reports_received, store.endpoint_stats))

@@ -17,6 +17,16 @@ Ingest CPU (parse and merge, on the loop's thread) feeds an `IntervalGovernor`: 
 exceeds `cpu_budget` of a core, every open stream is sent a LoadStatsResponse with a longer
 interval (Envoy applies it mid-stream), shortened again once the load falls; the store's
 window is scaled with it.
+
+Trust: the host hands in a `gate` that every stream passes (per-client limits, and with
+mTLS the certificate's identities) and an `authorize(node.cluster, identities)` that
+refuses a node claiming a group its certificate may not claim (PERMISSION_DENIED). A
+reporter is its authenticated peer plus node.id; each node holds at most
+`max_streams_per_node` LRS streams; only the clusters a stream was asked for are merged;
+a report over `max_report_bytes` ends the stream (RESOURCE_EXHAUSTED); and a reporter
+that reports faster than the interval it was asked for has the early reports dropped
+before they are parsed (they cost no ingest CPU, so they cannot lengthen the interval for
+everyone) and, after `MAX_EARLY` in a row, its stream closed.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Final, cast
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Final, Protocol, cast
 
 import grpc
 from envoy.service.load_stats.v3 import lrs_pb2
@@ -38,7 +50,20 @@ from lrs.load_store import SLICE_STATS, LoadStore, Report
 from lrs.pacing import IntervalGovernor
 from lrs.wire import TrimmedReport
 
-__all__ = ["MAX_NODE_ID", "METHOD", "REASK_AFTER", "SERVICE", "LoadReportingService"]
+__all__ = [
+    "EARLY_FACTOR",
+    "MAX_EARLY",
+    "MAX_NODE_ID",
+    "METHOD",
+    "REASK_AFTER",
+    "REPORT_BURST",
+    "SERVICE",
+    "Authorize",
+    "Gate",
+    "LoadReportingService",
+    "Peer",
+    "open_gate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +74,67 @@ MAX_NODE_ID: Final = 256
 #: Seconds (at least; 4 intervals if longer) before re-asking a reporter for clusters it ignores.
 REASK_AFTER: Final = 2.0
 
+#: A reporter may send one report per this fraction of the asked interval, with a burst of
+#: REPORT_BURST (a reconnect, jitter, a changed interval); reports past that are early.
+EARLY_FACTOR: Final = 0.5
+REPORT_BURST: Final = 3
+#: Early reports in a row after which a stream is closed (RESOURCE_EXHAUSTED).
+MAX_EARLY: Final = 20
+
 _streams = itertools.count(1)
+
+
+class Peer(Protocol):
+    """Who is on the other end of a stream, as the host's gate established it."""
+
+    @property
+    def key(self) -> str: ...  # the certificate identity with mTLS, else the client's address
+
+    @property
+    def identities(self) -> tuple[str, ...] | None: ...  # None: no verified certificate
+
+
+#: (service name, call) -> a context holding the stream's admission; it aborts the call
+#: itself when the client is over a limit.
+Gate = Callable[[str, grpc.aio.ServicerContext], AbstractAsyncContextManager[Peer]]
+#: (node.cluster, identities) -> why the node may not claim its group, or None.
+Authorize = Callable[[str, "tuple[str, ...] | None"], "str | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Anonymous:
+    key: str
+    identities: tuple[str, ...] | None = None
+
+
+@asynccontextmanager
+async def open_gate(_service: str, context: grpc.aio.ServicerContext) -> AsyncIterator[Peer]:
+    """The gate of a service run without a host's limits: every peer is its address."""
+    yield _Anonymous(context.peer())
+
+
+def _anyone(_node_cluster: str, _identities: tuple[str, ...] | None) -> str | None:
+    return None
 
 
 class _Stream:
     """One open LRS stream: who reports on it, the clusters it was told, what to send."""
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: Peer) -> None:
         self.id = next(_streams)
-        self.peer = peer
-        self.reporter = ""  # set by the first message: "node.id#stream id"
+        self.peer = peer.key
+        self.identities = peer.identities
+        self.reporter = ""  # set by the first message: "peer/node.id#stream id"
         self.node_cluster = ""
         self.clusters: tuple[str, ...] = ()
         self.outbox: asyncio.Queue[lrs_pb2.LoadStatsResponse | None] = asyncio.Queue()
         self.failure = ""
+        self.failure_code = grpc.StatusCode.INVALID_ARGUMENT
         self.asked_at = 0.0  # monotonic time the clusters were last sent
+        self.asked_intervals = (0.0, 0.0)  # the interval asked for before, and now
+        self.reported_at = 0.0  # monotonic time the report allowance was last topped up
+        self.allowance = float(REPORT_BURST)  # reports it may send now (a token bucket)
+        self.early = 0  # early reports in a row
 
 
 class LoadReportingService:
@@ -83,6 +154,10 @@ class LoadReportingService:
         max_interval: float = 60.0,
         slice_stats: int = SLICE_STATS,
         governor: IntervalGovernor | None = None,
+        gate: Gate = open_gate,
+        authorize: Authorize = _anyone,
+        max_streams_per_node: int = 4,
+        max_report_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         """`interval` is the shortest reporting interval asked for; ingest may lengthen it
         up to `max_interval` to keep within `cpu_budget` cores (see lrs.pacing)."""
@@ -90,6 +165,10 @@ class LoadReportingService:
             raise ValueError("interval must be > 0")
         self.store = store
         self.clusters_for = clusters_for
+        self.gate = gate
+        self.authorize = authorize
+        self.max_streams_per_node = max_streams_per_node
+        self.max_report_bytes = max_report_bytes
         self.interval = interval
         self.governor = governor or IntervalGovernor(interval, cpu_budget, max_interval)
         self.slice_stats = slice_stats
@@ -100,6 +179,9 @@ class LoadReportingService:
         self.reports_received = 0  # every LoadStatsRequest, the first of each stream included
         self.reports_rejected = 0  # not parseable, or a first message without node.id
         self.clusters_reasked = 0  # responses re-sent because asked-for clusters went unreported
+        self.reports_early = 0  # dropped unparsed: sooner than the asked interval allows
+        #: Streams ended by a limit or a refusal, by reason (identity, streams_per_peer, ...).
+        self.refused: dict[str, int] = {}
 
     @property
     def connected_reporters(self) -> int:
@@ -164,15 +246,21 @@ class LoadReportingService:
     async def _serve(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
-        """Read reports in a task, write responses here, until the client goes away."""
-        stream = _Stream(context.peer())
+        """Pass the gate, then serve the stream until the client goes away."""
+        async with self.gate("lrs", context) as peer:
+            await self._serve_admitted(_Stream(peer), requests, context)
+
+    async def _serve_admitted(
+        self, stream: _Stream, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Read reports in a task, write responses here."""
         self._streams[stream.id] = stream
         reader = asyncio.create_task(self._read(stream, requests))
         try:
             while (response := await stream.outbox.get()) is not None:
                 await context.write(response)
             if stream.failure:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.failure)
+                await context.abort(stream.failure_code, stream.failure)
         finally:
             reader.cancel()
             del self._streams[stream.id]
@@ -183,7 +271,18 @@ class LoadReportingService:
         try:
             async for payload in requests:
                 self.reports_received += 1
+                if len(payload) > self.max_report_bytes:
+                    self._refuse(
+                        stream,
+                        "message_size",
+                        f"a load report of {len(payload)} bytes is over the limit of "
+                        f"{self.max_report_bytes}",
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    )
+                    return
                 if stream.reporter:
+                    if self._early(stream, time.monotonic()):
+                        continue
                     await self._take(stream, payload)
                 elif not await self._take_first(stream, payload):
                     return
@@ -229,7 +328,22 @@ class LoadReportingService:
             stream.failure = "the first LoadStatsRequest must carry the node, with node.id"
             log.warning("LRS stream %d from %s: %s", stream.id, stream.peer, stream.failure)
             return None
-        stream.reporter = f"{request.node.id[:MAX_NODE_ID]}#{stream.id}"
+        denied = self.authorize(request.node.cluster, stream.identities)
+        if denied is not None:
+            self._refuse(stream, "identity", denied, grpc.StatusCode.PERMISSION_DENIED)
+            return None
+        node = f"{stream.peer}/{request.node.id[:MAX_NODE_ID]}"
+        same_node = sum(1 for s in self._streams.values() if s.reporter.startswith(node + "#"))
+        if same_node >= self.max_streams_per_node:
+            self._refuse(
+                stream,
+                "streams_per_node",
+                f"node {request.node.id!r} from {stream.peer} already has {same_node} LRS "
+                "streams, the most one node may hold (an Envoy needs one)",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+            return None
+        stream.reporter = f"{node}#{stream.id}"
         stream.node_cluster = request.node.cluster
         stream.clusters = self._clusters(stream.node_cluster)
         self._ask(stream)
@@ -249,7 +363,10 @@ class LoadReportingService:
         merge lock), and account the loop thread's CPU since `started` to the governor."""
         now = time.monotonic()
         spent = 0.0
-        for _ in self.store.ingest_steps(stream.reporter, report, now, self.slice_stats):
+        steps = self.store.ingest_steps(
+            stream.reporter, report, now, self.slice_stats, clusters=stream.clusters
+        )
+        for _ in steps:
             spent += time.thread_time() - started
             await asyncio.sleep(0)
             started = time.thread_time()
@@ -276,7 +393,46 @@ class LoadReportingService:
 
     def _ask(self, stream: _Stream) -> None:
         stream.asked_at = time.monotonic()
+        stream.asked_intervals = (stream.asked_intervals[1], self.reporting_interval)
         stream.outbox.put_nowait(self._response(stream.clusters))
+
+    def _early(self, stream: _Stream, now: float) -> bool:
+        """Whether a report comes sooner than the asked interval allows (dropped unparsed).
+
+        Envoy reports once per asked interval; right after the interval changes it may
+        still be on the old one, so the shorter of the last two asked counts."""
+        period = EARLY_FACTOR * min(i for i in stream.asked_intervals if i > 0)
+        if stream.reported_at:
+            refill = (now - stream.reported_at) / period
+            stream.allowance = min(float(REPORT_BURST), stream.allowance + refill)
+        stream.reported_at = now
+        if stream.allowance >= 1.0:
+            stream.allowance -= 1.0
+            stream.early = 0
+            return False
+        self.reports_early += 1
+        stream.early += 1
+        if stream.early >= MAX_EARLY:
+            self._refuse(
+                stream,
+                "report_rate",
+                f"{MAX_EARLY} reports in a row came sooner than the asked interval of "
+                f"{stream.asked_intervals[1]:g} s; honour load_reporting_interval",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+            stream.outbox.put_nowait(None)
+        return True
+
+    def _refuse(self, stream: _Stream, reason: str, message: str, code: grpc.StatusCode) -> None:
+        """Mark the stream failed (the writer ends it with `code`), count and log why."""
+        stream.failure, stream.failure_code = message, code
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        who = (
+            f"{stream.peer} (identities {list(stream.identities)})"
+            if stream.identities
+            else stream.peer
+        )
+        log.warning("LRS stream %d from %s refused (%s): %s", stream.id, who, reason, message)
 
     def _ask_again_if_ignored(self, stream: _Stream, report: Report, now: float) -> None:
         """Envoy reports only the asked-for clusters that existed when it got the request:

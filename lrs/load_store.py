@@ -10,6 +10,16 @@ The state the store merges into (per cluster: a ring of time buckets per endpoin
 locality, each reporter's latest levels, the time reports covered) and why it is shaped
 so are in `lrs.load_window`; this module decides what of a report to believe and merges it.
 
+What one reporter can do to the merge is bounded, so a buggy or compromised Envoy cannot
+outvote the fleet. Each report's weight in an endpoint's metric mean is capped at
+`metric_weight_cap` requests: metric means (KV cache, queue) are properties of the model
+server, the same whichever Envoy relays them, so with every reporter past the cap the
+mean is a plain mean of the reporters' means and one reporter moves it by at most its
+1/N share, whatever request counts it claims. Request counts are capped at
+`max_endpoint_rps` times the time since the reporter's previous report of that cluster
+(measured here, not the interval the report claims). And a report merges only the
+clusters its stream was asked for (`clusters`).
+
 Bad input never raises: values that are NaN, infinite, negative or absurd are dropped and
 counted in `dropped_values` by reason; input the store does not track (unknown clusters or
 endpoints, anything past a cap) is counted in `ignored`. Memory is bounded by the known
@@ -34,10 +44,12 @@ from lrs.wire import TrimmedReport
 
 __all__ = [
     "MAX_COUNT",
+    "MAX_ENDPOINT_RPS",
     "MAX_INTERVAL",
     "MAX_MEAN",
     "MAX_NAME",
     "MAX_UTILIZATION",
+    "METRIC_WEIGHT_CAP",
     "MIN_INTERVAL",
     "SLICE_STATS",
     "UNNAMED_METRICS",
@@ -62,6 +74,10 @@ MAX_INTERVAL: Final = 3600.0
 #: Locality-level ORCA fields of UpstreamLocalityStats, kept under their metric names.
 UNNAMED_METRICS: Final = ("cpu_utilization", "mem_utilization", "application_utilization")
 _UTILIZATION_HINTS: Final = ("util", "usage", "perc")
+#: Requests one report may weigh with in an endpoint's metric mean (see the module docstring).
+METRIC_WEIGHT_CAP: Final = 16
+#: Requests per second one reporter may claim for one endpoint; an LLM server finishes tens.
+MAX_ENDPOINT_RPS: Final = 2000.0
 #: Endpoint stats merged between two yields of `LoadStore.ingest_steps` (~1 ms of work).
 SLICE_STATS: Final = 256
 #: What the merge reads of an endpoint or locality stat, in one C-level call per stat.
@@ -119,10 +135,16 @@ class LoadStore:
         max_reporters: int = 4096,
         max_localities: int = 64,
         buckets: int = 5,
+        metric_weight_cap: int | None = METRIC_WEIGHT_CAP,
+        max_endpoint_rps: float = MAX_ENDPOINT_RPS,
     ) -> None:
-        if not window > 0 or buckets < 1 or max_reporters < 1:
-            raise ValueError("window must be > 0, buckets and max_reporters >= 1")
+        """`metric_weight_cap` None weighs metric means by every request (one reporter can
+        then outweigh the rest); `max_endpoint_rps` bounds one reporter's count per endpoint."""
+        if not window > 0 or buckets < 1 or max_reporters < 1 or not max_endpoint_rps > 0:
+            raise ValueError("window and max_endpoint_rps must be > 0, buckets >= 1")
         self.window = window
+        self.metric_weight_cap = metric_weight_cap
+        self.max_endpoint_rps = max_endpoint_rps
         self.max_metric_names = max_metric_names
         self.max_reporters = max_reporters
         self.max_localities = max_localities
@@ -185,13 +207,21 @@ class LoadStore:
 
     # ------------------------------------------------------------------ ingest
 
-    def ingest(self, reporter: str, request: Report, now: float) -> None:
-        """Merge one load report that arrived at monotonic time `now`; never raises on content."""
-        for _ in self.ingest_steps(reporter, request, now):
+    def ingest(
+        self, reporter: str, request: Report, now: float, clusters: Collection[str] | None = None
+    ) -> None:
+        """Merge one load report that arrived at monotonic time `now`; never raises on content.
+        `clusters`: the clusters the reporter was asked for (None: any known cluster)."""
+        for _ in self.ingest_steps(reporter, request, now, clusters=clusters):
             pass
 
     def ingest_steps(
-        self, reporter: str, request: Report, now: float, slice_stats: int = SLICE_STATS
+        self,
+        reporter: str,
+        request: Report,
+        now: float,
+        slice_stats: int = SLICE_STATS,
+        clusters: Collection[str] | None = None,
     ) -> Iterator[None]:
         """`ingest` in slices: yields after about every `slice_stats` endpoint stats.
 
@@ -213,6 +243,9 @@ class LoadStore:
             cluster = self._clusters.get(stats.cluster_name)
             if cluster is None:
                 self.ignored["unknown_cluster"] += 1
+                continue
+            if clusters is not None and stats.cluster_name not in clusters:
+                self.ignored["not_asked"] += 1  # a report for a cluster nobody asked it for
                 continue
             record.clusters.add(stats.cluster_name)
             for merged in self._ingest_cluster(reporter, cluster, stats, now, index, slice_stats):
@@ -256,18 +289,24 @@ class LoadStore:
         # The state stays listed while the report is merged: forget_reporter or expire may
         # release it at a yield, and the replace below then starts from nothing.
         state = cluster.states.get(reporter)
-        cluster.add_cover(index, self._interval(stats.load_report_interval, state, now))
+        interval = self._interval(stats.load_report_interval, state, now)
+        cluster.add_cover(index, interval)
+        # Counts are capped by the time this reporter really took, not the time it claims.
+        elapsed = min(interval, now - state.time) if state is not None else interval
+        count_cap = max(1, int(self.max_endpoint_rps * max(elapsed, MIN_INTERVAL)))
         levels: dict[Series, int] = {}
         for locality_stats in stats.upstream_locality_stats:
             locality = self._locality(cluster, locality_stats.locality.zone, oldest)
             if locality is not None:
                 counts = _STAT_ROW(locality_stats)
                 row = (locality, *counts[:4], [*counts[4], *_unnamed_metrics(locality_stats)])
-                self._merge([row], _same, levels, now, index)
+                self._merge([row], _same, levels, now, index, count_cap)
             rows = list(map(_ENDPOINT_ROW, locality_stats.upstream_endpoint_stats))
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
-                unknown = self._merge(chunk, cluster.addresses.__getitem__, levels, now, index)
+                unknown = self._merge(
+                    chunk, cluster.addresses.__getitem__, levels, now, index, count_cap
+                )
                 self.endpoint_stats += len(chunk) - unknown
                 if unknown:
                     self.ignored["unknown_endpoint"] += unknown
@@ -283,10 +322,12 @@ class LoadStore:
         levels: dict[Series, int],
         now: float,
         index: int,
+        count_cap: int = MAX_COUNT,
     ) -> int:
         """Add rows of (key, success, error, issued, in progress, metric stats) to the current
         buckets of the series `series_of(key)` names, noting each level; returns how many
-        rows named no known series.
+        rows named no known series. Counts over `count_cap` are cut to it, and each metric's
+        request count to `metric_weight_cap` (its mean kept).
 
         The hot loop of ingest (one pass per endpoint stat): locals bound, the common
         case tested in one comparison chain, the rare rest decided by `_plausible`.
@@ -296,6 +337,8 @@ class LoadStore:
         cap = self.max_metric_names
         unknown = 0
         max_count, max_utilization, metric_row = MAX_COUNT, MAX_UTILIZATION, _METRIC_ROW
+        weight_cap = self.metric_weight_cap or max_count
+        count_cap = min(count_cap, max_count)
         for key, success, error, issued, level, metrics in rows:
             series = series_of(key)
             if series is None:
@@ -303,6 +346,8 @@ class LoadStore:
                 continue
             if (success | error | issued | level) > max_count:
                 success, error, issued, level = self._drop_large(success, error, issued, level)
+            if success + error > count_cap or issued > count_cap:
+                success, error, issued = self._cap_counts(success, error, issued, count_cap)
             bucket = series.ring[slot]
             if bucket is None or bucket.index != index:
                 bucket = series.bucket(index)
@@ -317,6 +362,9 @@ class LoadStore:
                 if not (0 < num <= max_count and 0.0 <= total <= num * max_utilization):
                     if not self._plausible(name, num, total):
                         continue
+                if num > weight_cap:
+                    total *= weight_cap / num
+                    num = weight_cap
                 found = sums.get(name)
                 if found is None:
                     if not self._admit(series, name, index, oldest, cap):
@@ -355,6 +403,15 @@ class LoadStore:
                 return None
         series = localities[zone] = Series(zone, self._buckets)
         return series
+
+    def _cap_counts(self, success: int, error: int, issued: int, cap: int) -> tuple[int, int, int]:
+        """Scale a reporter's finished counts down to `cap` (keeping their error share)."""
+        self.dropped_values["count_over_rate_cap"] += 1
+        finished = success + error
+        if finished > cap:
+            error = error * cap // finished
+            success = cap - error
+        return success, error, min(issued, cap)
 
     def _drop_large(self, *counts: int) -> tuple[int, ...]:
         kept = tuple(0 if count > MAX_COUNT else count for count in counts)

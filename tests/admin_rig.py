@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xds_lab.envoy_rig import local_settings, one_pool_snapshot
 from xds_server.app import ControlPlane, Settings
 
-TOKEN = "test-token-0123456789"
+TOKEN = "test-token-0123456789-abcdefghijklmnopqrstuvwxyz"  # over MIN_TOKEN_LENGTH
 KV = "named_metrics.kv_cache_usage_perc"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -77,13 +78,19 @@ def plane_settings(path: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running(path: Path, **overrides: Any) -> AsyncIterator[tuple[ControlPlane, Admin]]:
-    """A started control plane on the snapshot at path, and an admin client for it."""
+async def running(
+    path: Path, client_tls: ssl.SSLContext | None = None, **overrides: Any
+) -> AsyncIterator[tuple[ControlPlane, Admin]]:
+    """A started control plane on the snapshot at path, and an admin client for it (over
+    HTTPS trusting `client_tls` when given: the plane needs admin_tls_cert/key then)."""
     plane = ControlPlane(plane_settings(path, **overrides))
     await plane.start()
+    scheme = "https" if client_tls is not None else "http"
     try:
-        async with aiohttp.ClientSession() as session:
-            yield plane, Admin(session, f"http://127.0.0.1:{plane.admin_port}")
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_tls if client_tls is not None else True)
+        ) as session:
+            yield plane, Admin(session, f"{scheme}://127.0.0.1:{plane.admin_port}")
     finally:
         await plane.stop(0)
 
@@ -110,8 +117,10 @@ def served_endpoints(dump: dict[str, Any], pool: str = "llama") -> dict[str, str
 
 
 async def scrape(admin: Admin) -> Samples:
-    """Every sample of /metrics: (name, labels) -> value."""
-    async with admin.session.get(admin.base + "/metrics") as resp:
+    """Every sample of /metrics: (name, labels) -> value (asked with the client's token, which
+    reads too when the server wants a token for reads)."""
+    headers = {"Authorization": f"Bearer {admin.token}"} if admin.token else {}
+    async with admin.session.get(admin.base + "/metrics", headers=headers) as resp:
         assert resp.status == 200
         text = await resp.text()
     return {

@@ -19,6 +19,7 @@ from xds_server.app import ControlPlane
 PORTS = [9001, 9002, 9003]
 A, B, C = (f"127.0.0.1:{p}" for p in PORTS)
 NEW = {"address": "127.0.0.1", "port": 9010, "zone": "zone-9", "weight": 4}
+ENV_TOKEN = "from-env-0123456789abcdefghijklmnopqrstuvwxyz"
 MUTATIONS = [
     ("POST", "/api/v1/pools/llama/endpoints", NEW),
     ("DELETE", f"/api/v1/pools/llama/endpoints/{A}", None),
@@ -169,10 +170,10 @@ async def test_without_a_configured_token_changes_are_refused(
 
 
 async def test_token_from_the_environment(snapshot: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("XDS_ADMIN_TOKEN", "from-env")
+    monkeypatch.setenv("XDS_ADMIN_TOKEN", ENV_TOKEN)
     async with running(snapshot) as (_, admin):
         assert (await admin.call("POST", f"/api/v1/pools/llama/endpoints/{A}/drain"))[0] == 401
-        admin.token = "from-env"
+        admin.token = ENV_TOKEN
         assert (await admin.call("POST", f"/api/v1/pools/llama/endpoints/{A}/drain"))[0] == 200
 
 

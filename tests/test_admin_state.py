@@ -141,7 +141,8 @@ def test_serve_exits_2_on_a_corrupt_state_file_or_empty_token_file(files: dict[s
 def test_token_file_errors_name_the_file(tmp_path: Path):
     with pytest.raises(TokenError, match="missing"):
         resolve_token(tmp_path / "missing")
-    (tmp_path / "t").write_text(" secret \n")
-    assert resolve_token(tmp_path / "t", {"XDS_ADMIN_TOKEN": "env"}) == "secret"
-    assert resolve_token(None, {"XDS_ADMIN_TOKEN": " env "}) == "env"
+    secret, env = "secret" * 6, "env" * 11
+    (tmp_path / "t").write_text(f" {secret} \n")
+    assert resolve_token(tmp_path / "t", {"XDS_ADMIN_TOKEN": env}) == secret
+    assert resolve_token(None, {"XDS_ADMIN_TOKEN": f" {env} "}) == env
     assert resolve_token(None, {}) is None

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xds_server.config.file_source import FileSource
+from xds_server.config.types import Config
 from xds_server.resources.publisher import Publisher
 from xds_server.xds import typeurls
 from xds_server.xds.cache import ResourceCache
@@ -51,6 +52,49 @@ async def test_valid_edit_is_published_invalid_edit_keeps_last_good(tmp_path: Pa
     finally:
         watcher.cancel()
 
+
+
+async def test_watcher_survives_an_unexpected_reload_error(tmp_path: Path, caplog):
+    """Issue 12: anything but a SnapshotError (here a publish that raises) ended the watch
+    task silently, and hot reload stopped for good. It is logged, counted and survived."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    published: list[int] = []
+    calls = 0
+
+    async def publish(config: Config) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a bug in publishing")
+        published.append(len(config.pools[0].endpoints))
+
+    source = FileSource(path, publish)
+    assert await source.load()
+    watcher = asyncio.create_task(source.watch(interval=0.02, settle=0.01))
+
+    async def until(condition) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("not reached")
+
+    try:
+        edited = yaml.safe_load(yaml.safe_dump(VALID))
+        edited["pools"][0]["endpoints"].append({"address": "127.0.0.1", "port": 8002})
+        path.write_text(yaml.safe_dump(edited))
+        await until(lambda: source.watch_errors == 1)
+        assert not watcher.done()
+        assert source.last is not None and not source.last.ok
+        assert "a bug in publishing" in source.last.problems[0]
+        assert "still watching" in caplog.text and "RuntimeError" in caplog.text
+        edited["pools"][0]["endpoints"].append({"address": "127.0.0.1", "port": 8003})
+        path.write_text(yaml.safe_dump(edited))
+        await until(lambda: published == [1, 3])  # the next edit is served
+        assert source.watch_errors == 1 and source.last.ok
+    finally:
+        watcher.cancel()
 
 def _mutations() -> st.SearchStrategy:
     """The valid document with one value somewhere replaced by an arbitrary value."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.protocol_fixtures import group, set_groups
 from tests.xds_client import DeltaClient, names_of, node
-from xds_server.xds.typeurls import CLUSTER, ENDPOINT
+from xds_server.xds.typeurls import CLUSTER, ENDPOINT, LISTENER
 
 
 async def test_legacy_wildcard_then_ack_then_silence(xds):
@@ -113,3 +113,50 @@ async def test_stale_nonce_still_applies_subscription(xds):
         c.request(ENDPOINT, subscribe=["b"], nonce="does-not-exist")
         resp = await c.recv()
         assert names_of(resp) == ["b"]
+
+
+async def test_subscribing_to_a_name_that_does_not_exist_is_answered_removed(xds):
+    """Issue 12: the protocol's "does not exist" for Delta is the name in removed_resources;
+    without it Envoy waits for its initial fetch timeout (15 s) before warming on."""
+    set_groups(xds.cache, {"default": group({"a": (1,)})})
+    async with DeltaClient(xds.target, node()) as c:
+        c.request(ENDPOINT, subscribe=["a", "ghost"])
+        first = await c.recv()
+        assert names_of(first) == ["a"] and list(first.removed_resources) == ["ghost"]
+        c.ack(first)
+        await c.expect_silence()  # said once, not on every wake-up
+        c.request(ENDPOINT, subscribe=["phantom"])
+        second = await c.recv()
+        assert not second.resources and list(second.removed_resources) == ["phantom"]
+        c.ack(second)
+        await c.expect_silence()
+        set_groups(xds.cache, {"default": group({"a": (1,), "ghost": (2,)})})
+        appeared = await c.recv()  # still subscribed: it is sent once it exists
+        assert names_of(appeared) == ["ghost"] and not appeared.removed_resources
+        c.ack(appeared)
+        await c.expect_silence()
+
+
+async def test_absent_name_in_the_first_request_and_with_a_wildcard(xds):
+    set_groups(xds.cache, {"default": group({"a": (1,)})})
+    async with DeltaClient(xds.target, node()) as c:
+        c.request(CLUSTER, subscribe=["*", "missing"])
+        response = await c.recv()
+        assert names_of(response) == ["a"] and list(response.removed_resources) == ["missing"]
+        c.ack(response)
+        await c.expect_silence()
+        c.request(CLUSTER, unsubscribe=["missing"])
+        await c.expect_silence()  # an unsubscription alone needs no answer
+
+
+async def test_first_wildcard_request_for_an_empty_type_is_answered(xds):
+    """A group without listeners: Envoy's first LDS request needs an answer, even an empty
+    one, or Envoy waits for its initial fetch timeout (15 s) before it is ready."""
+    set_groups(xds.cache, {"default": group({"a": (1,)})})
+    async with DeltaClient(xds.target, node()) as c:
+        c.request(LISTENER)
+        response = await c.recv()
+        assert response.type_url == LISTENER and response.nonce
+        assert not response.resources and not response.removed_resources
+        c.ack(response)
+        await c.expect_silence()

@@ -85,7 +85,9 @@ def test_rates_and_means_from_one_reporter(store: LoadStore):
     assert store.endpoint_stats == 3 and store.reports == 3
 
 
-def test_two_reporters_rates_add_and_means_weight_by_request_count(store: LoadStore):
+def test_two_reporters_rates_add_and_means_weight_by_request_count():
+    store = LoadStore(window=5.0, buckets=5, metric_weight_cap=None)  # uncapped weighting
+    store.set_known({"pool": [A, B, C]})
     # Out of phase by half an interval, as two independent Envoys are.
     for t in (1.0, 2.0, 3.0, 4.0):
         light = endpoint(A, ok=10, in_progress=3, metrics={KV: (10, 2.0)})  # mean 0.2

@@ -107,6 +107,9 @@ async def test_snapshot_and_reload_metrics(api: tuple[ControlPlane, Admin], tmp_
     assert value(samples, "xds_snapshot_reloads_total") == 2
     assert value(samples, "xds_snapshot_generation") > generation
     assert value(samples, "xds_pool_endpoints", pool="llama", state="active") == 4
+    assert ("xds_snapshot_watch_errors_total", frozenset()) in samples  # 0, but exposed
+    plane.source.watch_errors = 2  # what the watcher counts (tests/test_config_source.py)
+    assert value(await scrape(admin), "xds_snapshot_watch_errors_total") == 2
 
 
 async def test_admin_requests_are_counted_by_route_and_code(api: tuple[ControlPlane, Admin]):

@@ -158,6 +158,30 @@ def test_state_file_is_written_atomically_and_read_back(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
 
 
+def test_state_file_writers_with_the_same_pid_do_not_share_a_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Issue 12: two containers on one volume are both pid 1. A temp name made of the pid
+    let one writer truncate, rename away or delete the other's half-written file."""
+    path = tmp_path / "state.json"
+    monkeypatch.setattr("os.getpid", lambda: 1)
+    other = tmp_path / ".state.json.1.tmp"  # the other container's write, in progress
+    other.write_text("the other writer's data")
+    write_state(path, Overlay().drain("p", A, True))
+    assert other.read_text() == "the other writer's data"
+    assert read_state(path) == Overlay().drain("p", A, True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.json.1.tmp", "state.json"]
+
+
+def test_state_file_keeps_its_mode_and_a_new_one_is_0644(tmp_path: Path):
+    path = tmp_path / "state.json"
+    write_state(path, Overlay())
+    assert path.stat().st_mode & 0o777 == 0o644
+    path.chmod(0o640)
+    write_state(path, Overlay().drain("p", A, True))
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
 async def test_an_unwritable_state_file_leaves_the_overlay_in_force(tmp_path: Path):
     state = OverlayState(tmp_path / "missing-dir" / "state.json")
     with pytest.raises(OSError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.protocol_fixtures import group, set_groups
 from tests.xds_client import SotwClient, names_of, node
@@ -212,3 +213,100 @@ async def test_first_request_without_node_is_rejected(xds):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await c.close()
     assert len(xds.registry) == 0
+
+
+async def test_full_state_type_emptied_by_a_reload_is_sent_empty(xds):
+    """Issue 12: the last cluster and listener removed: Envoy must get empty CDS and LDS
+    responses (an empty full-state response deletes them all), or it keeps the old ones."""
+    set_groups(xds.cache, {"default": group({"a": (1,)}, {"l": "a"})})
+    async with SotwClient(xds.target, node()) as c:
+        c.request(CLUSTER)
+        c.request(LISTENER)
+        for _ in range(2):
+            c.ack(await c.recv())
+        await c.expect_silence()
+        set_groups(xds.cache, {"default": group()})
+        got = {r.type_url: r for r in [await c.recv(), await c.recv()]}
+        assert set(got) == {CLUSTER, LISTENER}
+        assert all(not r.resources and r.version_info and r.nonce for r in got.values())
+        for response in got.values():
+            c.ack(response)
+        await c.expect_silence()
+        set_groups(xds.cache, {"default": group({"b": (2,)})})
+        assert names_of(await c.recv()) == ["b"]
+
+
+async def test_first_request_for_an_empty_full_state_type_is_answered(xds):
+    """A group without listeners: Envoy's wildcard LDS request still needs an (empty)
+    answer, or Envoy waits for the initial fetch timeout before it starts."""
+    set_groups(xds.cache, {"default": group({"a": (1,)})})
+    async with SotwClient(xds.target, node()) as c:
+        c.request(LISTENER)
+        response = await c.recv()
+        assert response.type_url == LISTENER and not response.resources
+        c.ack(response)
+        await c.expect_silence()
+
+
+async def test_nacked_empty_set_is_not_resent(xds):
+    set_groups(xds.cache, {"default": group({"a": (1,)})})
+    async with SotwClient(xds.target, node()) as c:
+        c.request(CLUSTER)
+        good = await c.recv()
+        c.ack(good)
+        set_groups(xds.cache, {"default": group()})
+        empty = await c.recv()
+        c.nack(empty, "no clusters? refused", version=good.version_info)
+        await c.expect_silence()
+        set_groups(xds.cache, {"default": group(), "other": group({"x": (1,)})})
+        await c.expect_silence()  # an unrelated change: the rejected empty set stays out
+
+
+@pytest.mark.parametrize("nonce", ["999999999", "from-another-server"])
+async def test_first_request_echoing_an_unknown_nonce_is_answered(xds, nonce):
+    """Issue 12: a reconnecting client may echo a nonce of the old stream; nothing was sent
+    on this one yet, so it is a fresh request, not a stale reply to be dropped."""
+    set_groups(xds.cache, {"default": group({"a": (1,)})})
+    async with SotwClient(xds.target, node()) as c:
+        c.request(CLUSTER, version="old-version", nonce=nonce)
+        response = await c.recv()
+        assert names_of(response) == ["a"]
+        c.request(ENDPOINT, ["a"], version="old-version", nonce=nonce)
+        assert names_of(await c.recv()) == ["a"]
+        c.ack(response)
+        await c.expect_silence()
+
+
+async def test_reconnect_echoing_a_nonce_at_the_current_version_is_not_resent(xds):
+    """The reconnect optimisation still holds: a wildcard client that already has the
+    current full-state version gets nothing, whatever nonce it echoes."""
+    set_groups(xds.cache, {"default": group({"a": (1,)})})
+    async with SotwClient(xds.target, node()) as c:
+        c.request(CLUSTER)
+        cds = await c.recv()
+        c.ack(cds)
+    async with SotwClient(xds.target, node()) as c:
+        c.request(CLUSTER, version=cds.version_info, nonce=cds.nonce)
+        await c.expect_silence()
+        set_groups(xds.cache, {"default": group({"a": (1,), "b": (2,)})})
+        assert names_of(await c.recv()) == ["a", "b"]
+
+
+async def test_fetch_at_the_current_version_is_answered_ok(xds):
+    """Issue 12: "not modified" (REST's 304, a completed poll) is not a failure: the unary
+    Fetch answers OK with the current resources and the same version, never UNAVAILABLE
+    (a retryable failure) nor an empty set (which would delete every cluster)."""
+    set_groups(xds.cache, {"default": group({"a": (1,), "b": (2,)})})
+    method = "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters"
+    async with grpc.aio.insecure_channel(xds.target) as channel:
+        fetch = channel.unary_unary(
+            method,
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )
+        first = await fetch(discovery_pb2.DiscoveryRequest(node=node()))
+        assert names_of(first) == ["a", "b"] and first.version_info
+        again = await fetch(
+            discovery_pb2.DiscoveryRequest(node=node(), version_info=first.version_info)
+        )
+        assert again.version_info == first.version_info and names_of(again) == ["a", "b"]

@@ -37,7 +37,10 @@ def config(policy: str = "headroom", orca: dict | None = None, endpoints=(A, B))
         "listeners": [{"name": "l", "port": 10000, "routes": [{"prefix": "/", "pool": "llama"}]}],
         "pools": [pool, static],
     }
-    return parse_config(yaml.safe_dump(doc), "test.yaml")
+    # Custom policies (tests/custom_policy.py) load only through the allow-list.
+    return parse_config(
+        yaml.safe_dump(doc), "test.yaml", allowed_policy_modules=["tests.custom_policy"]
+    )
 
 
 class Rig:

@@ -52,8 +52,17 @@ class _Client:
     request_type: type = discovery_pb2.DiscoveryRequest
     response_type: type = discovery_pb2.DiscoveryResponse
 
-    def __init__(self, target: str, method: str | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        method: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """`credentials`: TLS to the server (None: plaintext)."""
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._call = self.channel.stream_stream(
             method or self.method,
@@ -112,8 +121,14 @@ class _Client:
 class SotwClient(_Client):
     method = ADS + "StreamAggregatedResources"
 
-    def __init__(self, target: str, node: base_pb2.Node, method: str | None = None) -> None:
-        super().__init__(target, method)
+    def __init__(
+        self,
+        target: str,
+        node: base_pb2.Node,
+        method: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(target, method, credentials)
         self.node = node
 
     def request(
@@ -149,8 +164,14 @@ class DeltaClient(_Client):
     request_type = discovery_pb2.DeltaDiscoveryRequest
     response_type = discovery_pb2.DeltaDiscoveryResponse
 
-    def __init__(self, target: str, node: base_pb2.Node, method: str | None = None) -> None:
-        super().__init__(target, method)
+    def __init__(
+        self,
+        target: str,
+        node: base_pb2.Node,
+        method: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(target, method, credentials)
         self.node = node
 
     def request(

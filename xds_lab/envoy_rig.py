@@ -17,6 +17,7 @@ from typing import Any
 
 from xds_lab.envoy_process import EnvoyProcess
 from xds_lab.lifecycle import StartStop
+from xds_server.admission import ClientLimits
 from xds_server.app import ControlPlane, Settings
 from xds_server.bootstrap import envoy_bootstrap
 
@@ -56,6 +57,17 @@ def _ephemeral_low() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+#: Limits that a benchmark's thousands of loopback clients stay inside: they all share one
+#: address, and the product's per-peer defaults are for a fleet.
+BENCH_LIMITS = ClientLimits(
+    max_streams=10**9,
+    max_streams_per_peer=10**9,
+    admission_rate=1e9,
+    admission_burst=10**9,
+    max_connection_age=0,
+)
 
 
 def node_in_sync(plane: ControlPlane, node_id: str) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -16,7 +16,10 @@ from lrs.load_reporting_service import LoadReportingService
 from lrs.load_store import LoadStore
 from lrs.weights.engine import WeightEngine
 from xds_server.admin import AdminApi, start_admin
-from xds_server.admin.auth import resolve_token
+from xds_server.admin.auth import resolve_read_token, resolve_token
+from xds_server.admin.hosts import allowed_hosts
+from xds_server.admin.tls import admin_tls
+from xds_server.admission import Admission, ClientLimits
 from xds_server.config.file_source import FileSource
 from xds_server.config.state_file import OverlayState
 from xds_server.config.types import Config
@@ -25,6 +28,7 @@ from xds_server.grpc_server import start_grpc_server
 from xds_server.metrics import Metrics
 from xds_server.resources.publisher import Publisher
 from xds_server.router.ext_proc import BodyRouter
+from xds_server.tls import ServerTls, TlsFiles, identity_allowed
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.services import DiscoveryServices
@@ -44,11 +48,22 @@ class Settings:
     watch_interval: float = 0.2
     state: Path | None = None  # where admin API changes persist; None keeps them in memory
     admin_token_file: Path | None = None  # else $XDS_ADMIN_TOKEN; neither: changes refused
+    admin_read_token_file: Path | None = None  # else $XDS_ADMIN_READ_TOKEN; neither: reads open
+    admin_tls_cert: Path | None = None  # with admin_tls_key: HTTPS, re-read when they change
+    admin_tls_key: Path | None = None
+    admin_allowed_hosts: tuple[str, ...] = ()  # Host names answered; () = by admin_host
     admin_debounce: float = 0.05  # API changes within this many seconds publish together
     router_port: int = 18001  # the body router (ext_proc); 0 picks a free port
     lrs_interval: float = 1.0  # seconds between an Envoy's load reports
     lrs_cpu_budget: float = 0.5  # cores of report merging before reporters are slowed down
     weight_tick: float = 0.25  # seconds between weight recomputations
+    #: Modules (and their submodules) whose custom weight policies the file may name;
+    #: others are refused before they are imported (--allow-policy-module).
+    allowed_policy_modules: tuple[str, ...] = ()
+    #: TLS on the gRPC ports (xDS + LRS, body router); with a client CA, mTLS: client
+    #: certificates required, node groups bound to their identities.
+    tls: TlsFiles | None = None
+    limits: ClientLimits = field(default_factory=ClientLimits)  # per-client limits
 
 
 class ControlPlane:
@@ -61,7 +76,10 @@ class ControlPlane:
         self.publisher = Publisher(self.cache)
         self.overlay = OverlayState(settings.state)
         self.source = FileSource(
-            settings.snapshot, self.publisher.publish_config, self.overlay.apply
+            settings.snapshot,
+            self.publisher.publish_config,
+            self.overlay.apply,
+            settings.allowed_policy_modules,
         )
         self.fleet = FleetView(self.publisher, self.source, self.overlay)
         self.metrics = Metrics(self.cache, self.registry, self.fleet)
@@ -76,11 +94,17 @@ class ControlPlane:
         self.router_port = settings.router_port
         self._router: grpc.aio.Server | None = None
         self.store = LoadStore(window=max(5.0, 4 * settings.lrs_interval))
+        #: Read at start(); until then (and without --tls-*) the ports are plaintext.
+        self.tls: ServerTls | None = None
+        self.admission = Admission(settings.limits, mutual=settings.tls is not None)
         self.lrs = LoadReportingService(
             self.store,
             self._lrs_clusters,
             settings.lrs_interval,
             cpu_budget=settings.lrs_cpu_budget,
+            gate=self.admission.gate,
+            authorize=self._authorize,
+            max_report_bytes=settings.limits.max_lrs_request_bytes,
         )
         self.engine = WeightEngine(
             self.store.pool_load, self.publisher.publish_weights, settings.weight_tick
@@ -91,6 +115,20 @@ class ControlPlane:
             lambda pool: self.store.pool_load(pool, time.monotonic()), lambda: self.store.reports
         )
         self._engine_task: asyncio.Task[None] | None = None
+
+    def _authorize(self, node_cluster: str, identities: tuple[str, ...] | None) -> str | None:
+        """Why a client with these certificate identities may not claim `node_cluster`'s
+        group, or None. Without mTLS (identities None) every claim stands."""
+        config = self.publisher.config
+        if identities is None or config is None:
+            return None
+        group = config.group_for(node_cluster)
+        if identity_allowed(group.identities, identities):
+            return None
+        return (
+            f"node.cluster {node_cluster!r} selects node group {group.name!r}, which "
+            f"identities {list(identities)} may not claim (allowed: {list(group.identities)})"
+        )
 
     def _lrs_clusters(self, node_cluster: str) -> list[str]:
         """Load reports are asked for the load-weighted pools of the node's group only:
@@ -109,8 +147,14 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Raises SnapshotError when the initial file is invalid: there is no good config yet;
-        TokenError or StateFileError (before anything listens) for an unusable token or state."""
+        TokenError, TlsError, ValueError or StateFileError (before anything listens) for an
+        unusable token, certificate, allowed host or state."""
+        if self.settings.tls is not None:
+            self.tls = ServerTls(self.settings.tls)
         token = resolve_token(self.settings.admin_token_file)
+        read_token = resolve_read_token(self.settings.admin_read_token_file)
+        admin_https = admin_tls(self.settings.admin_tls_cert, self.settings.admin_tls_key)
+        hosts = allowed_hosts(self.settings.admin_host, self.settings.admin_allowed_hosts)
         await self.overlay.load()
         await self._start_body_router()
         try:
@@ -118,22 +162,40 @@ class ControlPlane:
         except BaseException:
             await self.stop(0)
             raise
-        services = DiscoveryServices(self.cache, self.registry)
+        limits = self.settings.limits
+        services = DiscoveryServices(
+            self.cache, self.registry, self.admission.gate, limits.max_xds_request_bytes
+        )
         self._grpc, self.xds_port = await start_grpc_server(
-            [*services.handlers(), *self.lrs.handlers()], self.settings.host, self.settings.xds_port
+            [*services.handlers(), *self.lrs.handlers()],
+            self.settings.host,
+            self.settings.xds_port,
+            self.tls,
+            limits.grpc_options(),
         )
         self._engine_task = asyncio.create_task(self.engine.run())
         self._admin_api = AdminApi(
-            self.cache, self.registry, self.fleet, self.metrics, token, self.settings.admin_debounce
+            self.cache,
+            self.registry,
+            self.fleet,
+            self.metrics,
+            token,
+            self.settings.admin_debounce,
+            read_token=read_token,
+            allowed_hosts=hosts,
         )
         self._admin, self.admin_port = await start_admin(
-            await self._admin_api.app(), self.settings.admin_host, self.settings.admin_port
+            await self._admin_api.app(),
+            self.settings.admin_host,
+            self.settings.admin_port,
+            admin_https.context if admin_https else None,
         )
         self._watcher = asyncio.create_task(self.source.watch(self.settings.watch_interval))
         log.info(
-            "serving xDS on %s:%d, admin on http://%s:%d, snapshot %s",
+            "serving xDS on %s:%d, admin on %s://%s:%d, snapshot %s",
             self.settings.host,
             self.xds_port,
+            "https" if admin_https else "http",
             self.settings.admin_host,
             self.admin_port,
             self.settings.snapshot,
@@ -143,7 +205,7 @@ class ControlPlane:
         """First, so that configs naming no router address point Envoy at this one's port."""
         host = self.settings.host
         self._router, self.router_port = await start_grpc_server(
-            self.body_router.handlers(), host, self.settings.router_port
+            self.body_router.handlers(), host, self.settings.router_port, self.tls
         )
         reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.publisher.body_router = (reachable, self.router_port)

@@ -8,13 +8,49 @@ Pure functions, no I/O: the CLI prints the result, tests and the demo hand it to
 from __future__ import annotations
 
 import ipaddress
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["XDS_CLUSTER", "envoy_bootstrap", "render_yaml"]
+__all__ = [
+    "XDS_CLUSTER",
+    "ClientTls",
+    "envoy_bootstrap",
+    "grpc_bootstrap",
+    "render_yaml",
+    "sds_files",
+]
 
 XDS_CLUSTER = "xds_cluster"
+#: Names of the file-based SDS secrets the bootstrap's TLS transport socket reads.
+CLIENT_CERTIFICATE_SECRET = "xds_client_certificate"
+SERVER_CA_SECRET = "xds_server_ca"
+_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """The files an Envoy (or gRPC client) uses to reach xds-server over mTLS.
+
+    `sds_dir` holds the two SDS files the bootstrap points at (see `sds_files`); Envoy
+    re-reads them, and the certificate files they name, when they change or when a file is
+    moved into the certificate's directory (the way Kubernetes swaps a mounted Secret), so
+    rotated certificates are picked up without a restart."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    sds_dir: Path
+
+    def sds_path(self, secret: str) -> Path:
+        return self.sds_dir / f"{secret}.sds.json"
+
+
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 # A gateway should bound its downstream connections; Envoy warns at startup when it does not.
@@ -47,8 +83,12 @@ def envoy_bootstrap(
     envoy_admin_port: int = 9901,
     envoy_admin_address: str = "127.0.0.1",
     lrs: bool = True,
+    tls: ClientTls | None = None,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap: ADS (SotW or Delta) and LRS to xds-server at xds_host:xds_port.
+
+    `tls`: reach xds-server over mTLS with file-based SDS secrets (write them with
+    `sds_files`).
 
     `node_cluster` selects the node group whose config the server hands this Envoy.
     `lrs=False` leaves out load reporting, for servers without an LRS service: Envoy would
@@ -71,7 +111,7 @@ def envoy_bootstrap(
             "lds_config": ads_source,
             "cds_config": ads_source,
         },
-        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port)]},
+        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port, tls)]},
         "overload_manager": _CONNECTION_LIMIT,
     }
     if lrs:
@@ -99,7 +139,98 @@ def render_yaml(bootstrap: dict[str, Any]) -> str:
     return _HEADER + body
 
 
-def _xds_cluster(host: str, port: int) -> dict[str, Any]:
+def sds_files(tls: ClientTls) -> dict[Path, str]:
+    """The SDS files the TLS bootstrap reads: path -> JSON text (a DiscoveryResponse-shaped
+    document with one Secret each: the client certificate, and the CA that signs the server)."""
+    certificate: dict[str, Any] = {
+        "name": CLIENT_CERTIFICATE_SECRET,
+        "tls_certificate": {
+            "certificate_chain": {"filename": str(tls.cert)},
+            "private_key": {"filename": str(tls.key)},
+        },
+    }
+    validation: dict[str, Any] = {
+        "name": SERVER_CA_SECRET,
+        "validation_context": {"trusted_ca": {"filename": str(tls.ca)}},
+    }
+    return {
+        tls.sds_path(secret["name"]): json.dumps(
+            {"resources": [{"@type": _SECRET, **secret}]}, indent=2
+        )
+        for secret in (certificate, validation)
+    }
+
+
+def _sds_config(tls: ClientTls, secret: str) -> dict[str, Any]:
+    return {
+        "name": secret,
+        "sds_config": {
+            "path_config_source": {
+                "path": str(tls.sds_path(secret)),
+                "watched_directory": {"path": str(tls.cert.parent)},
+            },
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def _tls_socket(tls: ClientTls, host: str) -> dict[str, Any]:
+    context: dict[str, Any] = {
+        "@type": _UPSTREAM_TLS,
+        "common_tls_context": {
+            "tls_certificate_sds_secret_configs": [_sds_config(tls, CLIENT_CERTIFICATE_SECRET)],
+            "validation_context_sds_secret_config": _sds_config(tls, SERVER_CA_SECRET),
+            # gRPC needs HTTP/2: ask for it in ALPN, as the server requires.
+            "alpn_protocols": ["h2"],
+        },
+    }
+    if not _is_ip(host):
+        context["sni"] = host
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
+def grpc_bootstrap(
+    node_id: str,
+    node_cluster: str,
+    xds_addresses: Sequence[tuple[str, int]],
+    tls: ClientTls | None = None,
+) -> dict[str, Any]:
+    """A bootstrap for proxyless gRPC xDS clients (GRPC_XDS_BOOTSTRAP), gRFC A27; with
+    `tls`, the `tls` channel credentials and `file_watcher` certificate provider of
+    gRFC A65 / A29, which re-read rotated files every `refresh_interval`."""
+    if tls is None:
+        creds: list[dict[str, Any]] = [{"type": "insecure"}]
+    else:
+        files = {
+            "ca_certificate_file": str(tls.ca),
+            "certificate_file": str(tls.cert),
+            "private_key_file": str(tls.key),
+            "refresh_interval": "60s",
+        }
+        creds = [{"type": "tls", "config": files}]
+    bootstrap: dict[str, Any] = {
+        "xds_servers": [
+            {
+                "server_uri": f"{_uri_host(host)}:{port}",
+                "channel_creds": creds,
+                "server_features": ["xds_v3"],
+            }
+            for host, port in xds_addresses
+        ],
+        "node": {"id": node_id, "cluster": node_cluster},
+    }
+    if tls is not None:
+        bootstrap["certificate_providers"] = {
+            "default": {"plugin_name": "file_watcher", "config": creds[0]["config"]}
+        }
+    return bootstrap
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _xds_cluster(host: str, port: int, tls: ClientTls | None = None) -> dict[str, Any]:
     """The one static cluster: the control plane, spoken to over HTTP/2 (gRPC).
 
     Without explicit HTTP/2 Envoy speaks HTTP/1.1 to it and the ADS stream fails.
@@ -121,6 +252,8 @@ def _xds_cluster(host: str, port: int) -> dict[str, Any]:
             ],
         },
     }
+    if tls is not None:
+        cluster["transport_socket"] = _tls_socket(tls, host)
     if not _is_ip(host):
         # A hostname (e.g. a Kubernetes Service) is re-resolved by DNS. Prefer IPv4 so that
         # `localhost` reaches a server bound to 127.0.0.1 even where it resolves to ::1 first.

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xds_server import __version__
 
@@ -25,6 +28,10 @@ __all__ = [
     "port_number",
     "start_logging",
 ]
+
+if TYPE_CHECKING:
+    from xds_server.admission import ClientLimits
+    from xds_server.tls import TlsFiles
 
 DEFAULT_SNAPSHOT = "data/demo.yaml"
 
@@ -55,6 +62,115 @@ def _positive(value: str) -> float:
     if not 0 < number < 1e6:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
     return number
+
+
+def _module_name(value: str) -> str:
+    if not all(part.isidentifier() for part in value.split(".")):
+        raise argparse.ArgumentTypeError(
+            f"expected a module name like acme.policies, got {value!r}"
+        )
+    return value
+
+
+def _add_policy_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-policy-module",
+        type=_module_name,
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="allow custom weight policies (`policy: module:Class`) from MODULE and the modules "
+        "under it; repeatable. Without it such a policy is refused, not imported (its code "
+        "would run). The built-in headroom policy is always allowed",
+    )
+
+
+def _allowed_host(value: str) -> str:
+    from xds_server.admin.hosts import normalize_host
+
+    try:
+        normalize_host(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        help=f"PEM certificate chain: {where} speak TLS only (with --tls-key); the files are "
+        "re-read when they change",
+    )
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA bundle: require client certificates it signed (mTLS); a node's identity "
+        "is then its certificate's SPIFFE ID (or URI / DNS SAN), bound to node groups by "
+        "their `identities`",
+    )
+
+
+#: ClientLimits field -> (flag type, help). Every limit is a flag of `serve`.
+_LIMIT_FLAGS: dict[str, tuple[Callable[[str], float], str]] = {
+    "max_streams": (int, "open xDS + LRS streams of all clients together"),
+    "max_streams_per_peer": (int, "open streams of one client (identity with mTLS, else IP)"),
+    "max_names_per_subscription": (int, "resource names one xDS subscription may name"),
+    "admission_rate": (float, "new streams admitted per second (a reconnect storm is paced)"),
+    "admission_burst": (int, "new streams admitted at once before pacing starts"),
+    "admission_wait": (float, "seconds a new stream may wait for admission"),
+    "max_xds_request_bytes": (int, "largest xDS request accepted"),
+    "max_lrs_request_bytes": (int, "largest LRS report accepted"),
+    "max_connection_age": (float, "seconds before a connection must reconnect (±10 %%; 0: off)"),
+    "max_connection_age_grace": (float, "seconds an aged connection's streams may finish"),
+}
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    from xds_server.admission import ClientLimits
+
+    defaults = ClientLimits()
+    group = parser.add_argument_group("per-client limits (over one: RESOURCE_EXHAUSTED)")
+    for name, (kind, text) in _LIMIT_FLAGS.items():
+        default = getattr(defaults, name)
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_non_negative(kind),
+            default=default,
+            help=f"{text} (default {default})",
+        )
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = -1
+        if not 0 <= number < 1e12:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+        return number
+
+    return parse
+
+
+def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    from xds_server.tls import TlsFiles
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise SystemExit("xds-server: --tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise SystemExit("xds-server: give both --tls-cert and --tls-key")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _limits(args: argparse.Namespace) -> ClientLimits:
+    from xds_server.admission import ClientLimits
+
+    return ClientLimits(**{name: getattr(args, name) for name in _LIMIT_FLAGS})
 
 
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -116,7 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token-file",
         type=Path,
         help="file holding the bearer token that admin API changes need (default: "
-        "$XDS_ADMIN_TOKEN; with neither, changes are refused)",
+        "$XDS_ADMIN_TOKEN; with neither, changes are refused); at least 32 characters",
+    )
+    serve.add_argument(
+        "--admin-read-token-file",
+        type=Path,
+        help="file holding a bearer token that reads need too (default: "
+        "$XDS_ADMIN_READ_TOKEN; with neither, reads are open); the admin token also reads; "
+        "/healthz and /readyz stay open",
+    )
+    serve.add_argument(
+        "--admin-tls-cert",
+        type=Path,
+        help="PEM certificate chain: serve the admin API over HTTPS (with --admin-tls-key); "
+        "both files are re-read when they change",
+    )
+    serve.add_argument("--admin-tls-key", type=Path, help="PEM private key of --admin-tls-cert")
+    serve.add_argument(
+        "--admin-allowed-host",
+        action="append",
+        type=_allowed_host,
+        default=[],
+        metavar="HOST",
+        help="a Host name the admin API answers, any port (repeatable; '*' for any). Default: "
+        "localhost, 127.0.0.1 and [::1] when --admin-host is loopback, else any (warned)",
     )
     serve.add_argument(
         "--lrs-interval",
@@ -131,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="cores that merging load reports may use before Envoys are asked to report "
         "less often (default 0.5)",
     )
+    _add_tls_arguments(serve, "the gRPC ports (xDS + LRS, body router)")
+    _add_limit_arguments(serve)
+    _add_policy_argument(serve)
 
     validate = sub.add_parser(
         "validate",
@@ -139,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "line per problem: file, path in the document, what is wrong.",
     )
     validate.add_argument("file", type=Path)
+    _add_policy_argument(validate)
 
     boot = sub.add_parser(
         "bootstrap",
@@ -158,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT of xds-server (default 127.0.0.1:18000)",
     )
     boot.add_argument("--delta", action="store_true", help="use Delta xDS instead of SotW")
+    boot.add_argument(
+        "--grpc",
+        action="store_true",
+        help="print a bootstrap for proxyless gRPC xDS clients (JSON, for GRPC_XDS_BOOTSTRAP) "
+        "instead of Envoy's",
+    )
+    boot.add_argument("--tls-ca", type=Path, help="CA that signs xds-server's certificate")
+    boot.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM)")
+    boot.add_argument("--tls-key", type=Path, help="this client's private key (PEM)")
+    boot.add_argument(
+        "--sds-dir",
+        type=Path,
+        help="where to write the two SDS files the Envoy bootstrap reads the TLS files "
+        "through (default: the directory of --tls-cert); Envoy follows rotated files",
+    )
     boot.add_argument(
         "--envoy-admin-port",
         type=port_number,
@@ -189,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=port_number,
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: not served)",
     )
+    _add_policy_argument(router)
     return parser
 
 
@@ -197,7 +356,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from xds_server.config.types import SnapshotError
 
     try:
-        config = load_config(args.file)
+        config = load_config(args.file, allowed_policy_modules=args.allow_policy_module)
     except SnapshotError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
@@ -210,9 +369,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from xds_server.bootstrap import envoy_bootstrap, render_yaml
+    from xds_server.bootstrap import (
+        ClientTls,
+        envoy_bootstrap,
+        grpc_bootstrap,
+        render_yaml,
+        sds_files,
+    )
 
+    files = (args.tls_ca, args.tls_cert, args.tls_key)
+    if any(files) and not all(files):
+        print(
+            "xds-server bootstrap: give all of --tls-ca, --tls-cert and --tls-key", file=sys.stderr
+        )
+        return 2
+    tls = None
+    if all(files):
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            print(f"xds-server bootstrap: no such file: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        ca, cert, key = (f.resolve() for f in files)
+        tls = ClientTls(ca, cert, key, (args.sds_dir or cert.parent).resolve())
     host, port = args.xds_address
+    if args.grpc:
+        document = grpc_bootstrap(args.node_id, args.cluster, [(host, port)], tls)
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return 0
+    if tls is not None:
+        for path, text in sds_files(tls).items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"xds-server bootstrap: wrote {path}", file=sys.stderr)
     bootstrap = envoy_bootstrap(
         node_id=args.node_id,
         node_cluster=args.cluster,
@@ -220,6 +408,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_port=port,
         delta=args.delta,
         envoy_admin_port=args.envoy_admin_port,
+        tls=tls,
     )
     sys.stdout.write(render_yaml(bootstrap))
     return 0
@@ -227,6 +416,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     from xds_server.admin.auth import TokenError
+    from xds_server.admin.tls import TlsError
     from xds_server.app import ControlPlane, Settings
     from xds_server.config.state_file import StateFileError
     from xds_server.config.types import SnapshotError
@@ -240,13 +430,20 @@ async def _serve(args: argparse.Namespace) -> int:
         router_port=args.router_port,
         state=args.state,
         admin_token_file=args.admin_token_file,
+        admin_read_token_file=args.admin_read_token_file,
+        admin_tls_cert=args.admin_tls_cert,
+        admin_tls_key=args.admin_tls_key,
+        admin_allowed_hosts=tuple(args.admin_allowed_host),
         lrs_interval=args.lrs_interval,
         lrs_cpu_budget=args.lrs_cpu_budget,
+        tls=_tls_files(args),
+        limits=_limits(args),
+        allowed_policy_modules=tuple(args.allow_policy_module),
     )
     plane = ControlPlane(settings)
     try:
         await plane.start()
-    except (SnapshotError, OSError, StateFileError, TokenError) as err:
+    except (SnapshotError, OSError, StateFileError, TokenError, TlsError) as err:
         await plane.stop(0)  # whatever started before the failure
         if isinstance(err, SnapshotError):
             print(f"xds-server: {settings.snapshot} is not valid, not serving:", file=sys.stderr)
@@ -274,7 +471,13 @@ async def _body_router(args: argparse.Namespace) -> int:
     from xds_server.router.standalone import StandaloneRouter
 
     snapshot = args.snapshot or default_snapshot()
-    router = StandaloneRouter(snapshot, args.host, args.port, args.metrics_port)
+    router = StandaloneRouter(
+        snapshot,
+        args.host,
+        args.port,
+        args.metrics_port,
+        allowed_policy_modules=tuple(args.allow_policy_module),
+    )
     try:
         await router.start()
     except SnapshotError as err:

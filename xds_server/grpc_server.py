@@ -1,12 +1,17 @@
 """The one way this product starts a gRPC server (xDS + LRS, and the body router).
 
 Shared so that every port gets the same message limits and keepalive, and so that a
-port already in use is an error rather than a silently shared socket.
+port already in use is an error rather than a silently shared socket. With TLS
+configured the port speaks only TLS: a plaintext client fails its handshake.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
+
+from xds_server.tls import ServerTls
 
 __all__ = ["SERVER_OPTIONS", "start_grpc_server"]
 
@@ -27,12 +32,21 @@ SERVER_OPTIONS = (
 
 
 async def start_grpc_server(
-    handlers: list[grpc.GenericRpcHandler], host: str, port: int
+    handlers: list[grpc.GenericRpcHandler],
+    host: str,
+    port: int,
+    tls: ServerTls | None = None,
+    options: Sequence[tuple[str, int]] = (),
 ) -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server on host:port; returns it and the bound port (0 picks one)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    """Start a grpc.aio server on host:port; returns it and the bound port (0 picks one).
+    `options` are added to SERVER_OPTIONS (later ones win)."""
+    server = grpc.aio.server(options=(*SERVER_OPTIONS, *options))
     server.add_generic_rpc_handlers(handlers)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.credentials())
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}: is the port in use?")
     await server.start()

@@ -34,6 +34,7 @@ from xds_server.xds.cache import ResourceCache, Subscriber
 from xds_server.xds.clients import Client, ClientRegistry, TypeStatus, sync_state
 
 __all__ = [
+    "ADMIN_REFUSALS",
     "CONVERGENCE_BUCKETS",
     "MAX_LOAD_METRICS",
     "VERSION_HISTORY",
@@ -67,6 +68,8 @@ MAX_LOAD_METRICS: Final = 32
 #: How many past versions per group and type keep their set time (ACKs of older ones are late).
 VERSION_HISTORY: Final = 64
 _PROTOCOL_LABELS: Final = ("type", "protocol", "group")
+#: Why the admin API refused a request before routing it (xds_admin_refused_total's reason).
+ADMIN_REFUSALS: Final = ("token", "host")
 
 
 def _type_name(type_url: str) -> str:
@@ -236,6 +239,12 @@ class StateCollector(Collector):
             "xds_snapshot_reload_failures",
             "snapshot file loads refused (the last good config kept serving)",
             value=source.failures,
+        )
+        yield CounterMetricFamily(
+            "xds_snapshot_watch_errors",
+            "snapshot file reloads that failed unexpectedly (logged with a traceback; the "
+            "watcher goes on and the last good config keeps serving)",
+            value=source.watch_errors,
         )
         yield GaugeMetricFamily(
             "xds_snapshot_last_reload_timestamp_seconds",
@@ -411,6 +420,15 @@ class Metrics:
             ("route", "method", "code"),
             registry=self.registry,
         )
+        self.admin_refused = Counter(
+            "xds_admin_refused",
+            "admin API requests refused before any route ran, by reason: `token` (missing or "
+            "wrong bearer token) or `host` (a Host header not allowed)",
+            ("reason",),
+            registry=self.registry,
+        )
+        for reason in ADMIN_REFUSALS:  # both series from the start: alerts see 0, not nothing
+            self.admin_refused.labels(reason)
         self.load = LoadCollector(fleet)
         self.registry.register(StateCollector(cache, clients, fleet.source))
         self.registry.register(self.load)

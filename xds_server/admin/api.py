@@ -1,13 +1,15 @@
 """The admin HTTP server (aiohttp, on the same event loop as gRPC): routes and middleware.
 
 Middleware, outermost first: count the request by route and status for
-/metrics; turn every error into JSON; check the bearer token on mutating routes.
+/metrics; turn every error into JSON; refuse a Host not allowed (DNS rebinding);
+check the bearer token on mutating routes (and on reads, with a read token).
 The route table here is the whole API; /openapi.json describes exactly these
 routes, and a test holds the two to each other.
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import Final
 
 from aiohttp import web
@@ -15,8 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from xds_server.admin.auth import require_token
 from xds_server.admin.edits import EditRoutes, OverlayEditor
+from xds_server.admin.hosts import check_host
 from xds_server.admin.http import Handler, json_errors, json_response
-from xds_server.admin.openapi import DOCUMENT
+from xds_server.admin.openapi import openapi_document
 from xds_server.admin.page import StatusPage
 from xds_server.admin.views import ReadViews
 from xds_server.fleet import FleetView
@@ -41,9 +44,17 @@ class AdminApi:
         metrics: Metrics,
         token: str | None = None,
         debounce: float = 0.05,
+        *,
+        read_token: str | None = None,
+        allowed_hosts: frozenset[str] | None = None,
     ) -> None:
+        """`read_token`: reads need it (or `token`) too; `allowed_hosts`: the Host names
+        answered (None: any; see hosts.allowed_hosts for the defaults)."""
         self.metrics = metrics
         self.token = token
+        self.read_token = read_token
+        self.allowed_hosts = allowed_hosts
+        self.document = openapi_document(read_auth=read_token is not None)
         self.views = ReadViews(cache, clients, fleet, token is not None)
         self.editor = OverlayEditor(fleet.overlay, fleet.source, debounce)
         self.edits = EditRoutes(self.editor, fleet)
@@ -52,7 +63,14 @@ class AdminApi:
         page = await StatusPage.load()
         app = web.Application(
             client_max_size=MAX_BODY,
-            middlewares=[self._count, json_errors, require_token(self.token)],
+            middlewares=[
+                self._count,
+                json_errors,
+                check_host(self.allowed_hosts, self.metrics.admin_refused.labels("host").inc),
+                require_token(
+                    self.token, self.read_token, self.metrics.admin_refused.labels("token").inc
+                ),
+            ],
         )
         views, edits = self.views, self.edits
         endpoint = "/api/v1/pools/{pool}/endpoints/{endpoint}"
@@ -98,17 +116,20 @@ class AdminApi:
         )
 
     async def _openapi(self, _request: web.Request) -> web.Response:
-        return json_response(DOCUMENT)
+        return json_response(self.document)
 
     def close(self) -> None:
         """Cancel a debounced publish still waiting (on shutdown)."""
         self.editor.close()
 
 
-async def start_admin(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start the admin server; returns the runner and the bound port (0 picks one)."""
+async def start_admin(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Start the admin server (HTTPS with `ssl_context`); returns the runner and the bound
+    port (0 picks one)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner, runner.addresses[0][1]

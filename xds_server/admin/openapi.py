@@ -2,16 +2,19 @@
 
 Written out by hand, not derived from the router, so it is a contract the tests
 can hold the router to (every route documented, nothing documented that is not
-routed) rather than a copy of it.
+routed) rather than a copy of it. `openapi_document` adds the read token's
+security requirement when the server has one.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Final
 
 from xds_server import __version__
+from xds_server.admin.auth import PROBE_PATHS
 
-__all__ = ["DOCUMENT"]
+__all__ = ["DOCUMENT", "openapi_document"]
 
 _ERROR: Final = {"$ref": "#/components/schemas/Error"}
 _OBJECT: Final = {"type": "object"}
@@ -25,6 +28,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     reasons = {
         400: "malformed request: bad endpoint key in the URL or bad body",
         401: "missing or wrong bearer token (or no token configured: changes disabled)",
+        403: "the read token was sent: it cannot change state",
         404: "no such pool or endpoint",
         409: "conflicts with what is served (already there, last active endpoint, weights)",
         413: "body over 64 KiB",
@@ -158,7 +162,13 @@ DOCUMENT: Final[dict[str, Any]] = {
         ),
     },
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "the admin token (--admin-token-file or XDS_ADMIN_TOKEN)",
+            }
+        },
         "schemas": {
             "Error": {
                 "type": "object",
@@ -194,3 +204,31 @@ DOCUMENT: Final[dict[str, Any]] = {
         },
     },
 }
+
+
+def openapi_document(read_auth: bool) -> dict[str, Any]:
+    """The document as a server serves it: with a read token (`read_auth`), every operation
+    but the probes needs the read token or the admin token; changes still the admin token."""
+    if not read_auth:
+        return DOCUMENT
+    document = copy.deepcopy(DOCUMENT)
+    document["info"]["description"] += (
+        " This server also needs a token to read: the read token or the admin token; "
+        "/healthz stays open for probes."
+    )
+    document["components"]["securitySchemes"]["read"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the read token (--admin-read-token-file or XDS_ADMIN_READ_TOKEN); "
+        "it cannot change state",
+    }
+    document["security"] = [{"read": []}, {"bearer": []}]  # either one
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if path in PROBE_PATHS:
+                operation["security"] = []  # open
+            elif method == "get":
+                operation["responses"].update(_errors(401))
+            else:
+                operation["responses"].update(_errors(403))
+    return document

@@ -2,7 +2,9 @@
 
 A bad edit must never take serving down: it is refused with every problem
 named (file, path, what is wrong), the refusal is logged and kept for the
-admin API, and the last good config keeps serving.
+admin API, and the last good config keeps serving. Nor may anything else that
+goes wrong in a reload (a bug in building or publishing) end the watcher: it is
+logged with its traceback, counted (`watch_errors`) and the watch goes on.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from xds_server.config.reader import load_config
@@ -52,8 +55,11 @@ class FileSource:
         path: Path,
         publish: Publish,
         overlay: Callable[[Config], Config] | None = None,
+        allowed_policy_modules: Sequence[str] = (),
     ) -> None:
         self.path = path
+        #: Modules whose custom weight policies the file may name (config.policies).
+        self.allowed_policy_modules = tuple(allowed_policy_modules)
         self._publish = publish
         #: The admin API's changes over the file (xds_server.overlay), applied on every publish.
         self.overlay = overlay or (lambda config: config)
@@ -63,6 +69,7 @@ class FileSource:
         self.loaded_at = 0.0
         self.reloads = 0
         self.failures = 0
+        self.watch_errors = 0  # reload attempts that raised something unexpected
         self._seen = _fingerprint(path)
 
     async def load(self, strict: bool = False) -> bool:
@@ -72,7 +79,10 @@ class FileSource:
         """
         self._seen = _fingerprint(self.path)
         try:
-            config = await asyncio.to_thread(load_config, self.path)
+            config = await asyncio.to_thread(
+                partial(load_config, allowed_policy_modules=self.allowed_policy_modules),
+                self.path,
+            )
         except SnapshotError as err:
             self.failures += 1
             self.last = LoadOutcome(time.time(), False, [str(p) for p in err.problems])
@@ -103,12 +113,26 @@ class FileSource:
                 await self._publish(self.overlay(self.config))
 
     async def watch(self, interval: float = 0.2, settle: float = 0.05) -> None:
-        """Reload whenever the file changes (polling: works for editors that rename over it)."""
+        """Reload whenever the file changes (polling: works for editors that rename over it).
+
+        Runs until cancelled. A reload that raises is logged, counted and recorded as the
+        latest (failed) attempt; the next edit of the file is tried again.
+        """
         while True:
             await asyncio.sleep(interval)
-            seen = _fingerprint(self.path)
-            if seen is None or seen == self._seen:
-                continue
-            await asyncio.sleep(settle)  # let a writer finish before reading
-            if _fingerprint(self.path) == seen:
-                await self.load()
+            try:
+                await self._reload_if_changed(settle)
+            except Exception as err:  # anything but cancellation: keep watching
+                self.watch_errors += 1
+                self.last = LoadOutcome(
+                    time.time(), False, [f"{self.path}: reload failed: {err!r}"]
+                )
+                log.exception("reloading snapshot %s failed; still watching it", self.path)
+
+    async def _reload_if_changed(self, settle: float) -> None:
+        seen = _fingerprint(self.path)
+        if seen is None or seen == self._seen:
+            return
+        await asyncio.sleep(settle)  # let a writer finish before reading
+        if _fingerprint(self.path) == seen:
+            await self.load()

@@ -9,14 +9,14 @@ the path in the document and what to do, so one edit-validate round fixes all.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Final, NamedTuple
 
 import yaml
 
 from lrs.contract import MAX_WEIGHT
-from lrs.weights.params import ParamError, Params, parse_params
-from lrs.weights.policy import PolicyError, load_policy
+from xds_server.config.policies import read_policy
 from xds_server.config.problems import (
     BOOLEAN,
     REQUIRED,
@@ -71,7 +71,7 @@ _ROUTE_KEYS: Final = ("model", "prefix", "pool", "split", "timeout")
 _SPLIT_KEYS: Final = ("pool", "weight")
 _LISTENER_KEYS: Final = ("name", "port", "address", "body_routing", "routes")
 _BODY_ROUTER_KEYS: Final = ("address", "port", "timeout", "failure_mode", "max_body_bytes")
-_GROUP_KEYS: Final = ("name", "node_clusters", "listeners", "pools")
+_GROUP_KEYS: Final = ("name", "node_clusters", "listeners", "pools", "identities")
 _TOP_KEYS: Final = ("listeners", "pools", "node_groups", "body_router", "envoy")
 
 _EDS_HINT: Final = "; EDS endpoints are not resolved by DNS, so give the IP address"
@@ -108,7 +108,7 @@ def _check_weight_sums(r: Reader, path: str, endpoints: list[Endpoint]) -> None:
         )
 
 
-def _read_pool(r: Reader, value: object, path: str) -> Pool | None:
+def _read_pool(r: Reader, value: object, path: str, policy_modules: tuple[str, ...]) -> Pool | None:
     m = r.mapping(value, path, _POOL_KEYS)
     if m is None:
         return None
@@ -125,7 +125,7 @@ def _read_pool(r: Reader, value: object, path: str) -> Pool | None:
     r.duplicates(((p, e.key) for p, e in entries), "endpoint")
     endpoints = [e for _, e in entries]
     _check_weight_sums(r, join(path, "endpoints"), endpoints)
-    policy, orca = _read_policy(r, m, path)
+    policy, orca = read_policy(r, m, path, policy_modules)
     if lb_policy == CSWRR and weighting == "orca":
         r.problem(
             join(path, "weighting"),
@@ -138,29 +138,6 @@ def _read_pool(r: Reader, value: object, path: str) -> Pool | None:
     if policy is None or orca is None:
         return None
     return Pool(name, lb_policy, weighting, tuple(endpoints), connect_timeout, policy, orca)
-
-
-def _read_policy(r: Reader, m: dict[str, Any], path: str) -> tuple[str | None, Params | None]:
-    """The weight policy and its parameters, checked now so a typo names its place in the
-    file instead of surfacing later as a log line from the weight engine."""
-    spec = r.value(m, "policy", path, STRING, "headroom")
-    raw = m.get("orca") or {}
-    if not isinstance(raw, dict):
-        r.problem(join(path, "orca"), f"expected a mapping, got {describe(raw)}")
-        return spec, None
-    try:
-        params = parse_params(raw)
-    except ParamError as err:
-        for key, message in err.problems:
-            r.problem(join(join(path, "orca"), key), message)
-        return spec, None
-    if spec is not None:
-        try:
-            load_policy(spec, params)
-        except PolicyError as err:
-            r.problem(join(path, "policy"), str(err))
-            return None, params
-    return spec, params
 
 
 def _read_route(r: Reader, value: object, path: str, pool_names: set[str]) -> Route | None:
@@ -340,6 +317,7 @@ def _read_group(
     ]
     listeners = _read_references(r, m, "listeners", path, listener_names, "listener")
     pools = _read_references(r, m, "pools", path, pool_names, "pool")
+    identities = tuple(i for p, v in r.items(m, "identities", path) if (i := _identity(r, v, p)))
     here = join(path, "node_clusters")
     if name == DEFAULT_GROUP and m.get("node_clusters"):
         r.problem(
@@ -351,8 +329,19 @@ def _read_group(
         )
     if name is None:
         return None
-    group = NodeGroup(name, tuple(c for _, c in clusters), listeners, pools)
+    group = NodeGroup(name, tuple(c for _, c in clusters), listeners, pools, identities)
     return _GroupEntry(path, group, tuple(p for p, _ in clusters))
+
+
+def _identity(r: Reader, value: object, path: str) -> str | None:
+    if isinstance(value, str) and value and value.isprintable() and len(value) <= 1024:
+        return value
+    r.problem(
+        path,
+        f"expected a certificate identity pattern such as 'spiffe://example.org/ns/edge/*' "
+        f"(a non-empty string), got {describe(value)}",
+    )
+    return None
 
 
 def _node_cluster(r: Reader, value: object, path: str) -> str | None:
@@ -432,7 +421,7 @@ def _load_yaml(r: Reader, text: str) -> tuple[bool, Any]:
     return False, None
 
 
-def _read_config(r: Reader, document: object) -> Config | None:
+def _read_config(r: Reader, document: object, policy_modules: tuple[str, ...]) -> Config | None:
     top = r.mapping(document, "", _TOP_KEYS)
     if top is None:
         return None
@@ -443,7 +432,11 @@ def _read_config(r: Reader, document: object) -> Config | None:
         for p, v in r.items(top, "listeners", "")
         if (x := _read_listener(r, v, p, pool_names))
     ]
-    pools = [(p, pool) for p, v in r.items(top, "pools", "") if (pool := _read_pool(r, v, p))]
+    pools = [
+        (p, pool)
+        for p, v in r.items(top, "pools", "")
+        if (pool := _read_pool(r, v, p, policy_modules))
+    ]
     entries = _read_groups(r, top, listener_names, pool_names)
     raw = read_raw(r, top, {"pools": pool_names, "listeners": listener_names})
     for section in ("listeners", "pools", "node_groups"):
@@ -468,18 +461,24 @@ def parse_endpoint(value: object, source: str) -> Endpoint:
     return endpoint
 
 
-def parse_config(text: str, source: str) -> Config:
-    """Parse and validate a snapshot document; raises SnapshotError naming every problem."""
+def parse_config(text: str, source: str, *, allowed_policy_modules: Iterable[str] = ()) -> Config:
+    """Parse and validate a snapshot document; raises SnapshotError naming every problem.
+
+    A custom `policy: module:Class` is imported (and so run) only if its module is in
+    `allowed_policy_modules` or under one of them (xds_server.config.policies)."""
     r = Reader(source)
     loaded, document = _load_yaml(r, text)
-    config = _read_config(r, document) if loaded else None
+    config = _read_config(r, document, tuple(allowed_policy_modules)) if loaded else None
     if r.problems or config is None:
         raise SnapshotError(r.problems)
     return config
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a snapshot file; an unreadable file is a SnapshotError too."""
+def load_config(
+    path: str | os.PathLike[str], *, allowed_policy_modules: Iterable[str] = ()
+) -> Config:
+    """Read and validate a snapshot file (see parse_config); an unreadable file is a
+    SnapshotError too."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as file:
@@ -487,4 +486,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 text ({err.reason})"
         raise SnapshotError([Problem(source, "(file)", f"cannot read the file: {reason}")]) from err
-    return parse_config(text, source)
+    return parse_config(text, source, allowed_policy_modules=allowed_policy_modules)

@@ -3,7 +3,8 @@
 A drain that an operator set before maintenance must still hold after the
 control plane restarts, so every API change is written before it is served.
 Writes are atomic (a temp file beside the target, fsync, rename): a crash leaves
-the old file or the new one, never half of one. A state file that cannot be
+the old file or the new one, never half of one. The temp file's name is unique
+(mkstemp), not the pid: containers sharing a volume all run as pid 1. A state file that cannot be
 read is a start-up error naming the file: serving without the drains it holds
 would send traffic to nodes under maintenance.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 from xds_server.config.overlay import Overlay
@@ -45,9 +48,15 @@ def read_state(path: Path) -> Overlay:
 def write_state(path: Path, overlay: Overlay) -> None:
     """Replace the state file atomically (blocking: call it off the event loop)."""
     data = json.dumps(overlay.to_json(), indent=2, sort_keys=True) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as file:
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode
+    except FileNotFoundError:
+        mode = 0o644  # what open() gave a new file under the usual umask (mkstemp: 0600)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), mode)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

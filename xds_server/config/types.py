@@ -184,6 +184,9 @@ class NodeGroup:
     node_clusters: tuple[str, ...]
     listeners: tuple[str, ...]
     pools: tuple[str, ...]
+    #: With mTLS, the certificate identities (SPIFFE IDs, URI or DNS SANs; `*` globs) that
+    #: may claim this group; empty: any client the CA vouches for. Ignored without mTLS.
+    identities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

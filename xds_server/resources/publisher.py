@@ -43,7 +43,11 @@ class Publisher:
         weights = dict(self.weights)
         messages = await asyncio.to_thread(build_all, config, weights, self.body_router)
         self.config = config
-        self.cache.set_all(messages, lambda node_cluster: config.group_for(node_cluster).name)
+        self.cache.set_all(
+            messages,
+            lambda node_cluster: config.group_for(node_cluster).name,
+            {group.name: group.identities for group in config.node_groups},
+        )
         # Weights that moved while the build ran would be lost with the old resources.
         for pool, current in list(self.weights.items()):
             if weights.get(pool) is not current:

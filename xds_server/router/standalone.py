@@ -35,10 +35,13 @@ class StandaloneRouter:
         port: int,
         metrics_port: int | None = None,
         watch_interval: float = 0.2,
+        allowed_policy_modules: tuple[str, ...] = (),
     ) -> None:
         self.router = BodyRouter()
         # Reloading goes the control plane's way (same validation, same watcher).
-        self.source = FileSource(snapshot, self._follow)
+        self.source = FileSource(
+            snapshot, self._follow, allowed_policy_modules=allowed_policy_modules
+        )
         self.host = host
         self.port = port
         self.metrics_port = metrics_port

@@ -101,6 +101,8 @@ class GroupResources:
 
     name: str
     types: Mapping[str, TypeResources]
+    #: With mTLS, the certificate identities that may be served this group (globs; empty: any).
+    identities: tuple[str, ...] = ()
 
     def of_type(self, type_url: str) -> TypeResources:
         return self.types.get(type_url, EMPTY_TYPE)
@@ -135,9 +137,19 @@ class ResourceCache:
     def group_for(self, node_cluster: str) -> GroupResources:
         return self.groups.get(self.resolver(node_cluster), EMPTY_GROUP)
 
-    def set_all(self, messages: GroupMessages, resolver: Callable[[str], str]) -> None:
-        """Replace every group at once; unchanged resources keep their encoded bytes."""
-        self.groups = {group: self._encode_group(group, types) for group, types in messages.items()}
+    def set_all(
+        self,
+        messages: GroupMessages,
+        resolver: Callable[[str], str],
+        identities: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        """Replace every group at once; unchanged resources keep their encoded bytes.
+        `identities`: group -> the certificate identities it may be served to (mTLS)."""
+        bound = identities or {}
+        self.groups = {
+            group: self._encode_group(group, types, bound.get(group, ()))
+            for group, types in messages.items()
+        }
         self.resolver = resolver
         self._changed()
 
@@ -148,7 +160,10 @@ class ResourceCache:
         resources.update(self._encode(type_url, changes, resources))
         types = dict(current.types)
         types[type_url] = TypeResources.of(resources)
-        self.groups = {**self.groups, group: GroupResources(name=group, types=types)}
+        self.groups = {
+            **self.groups,
+            group: GroupResources(name=group, types=types, identities=current.identities),
+        }
         self._changed()
 
     def subscribe(self, subscriber: Subscriber) -> None:
@@ -168,7 +183,7 @@ class ResourceCache:
             subscriber.notify()
 
     def _encode_group(
-        self, group: str, types: Mapping[str, Mapping[str, Message]]
+        self, group: str, types: Mapping[str, Mapping[str, Message]], identities: tuple[str, ...]
     ) -> GroupResources:
         previous = self.groups.get(group, EMPTY_GROUP)
         encoded = {}
@@ -177,7 +192,7 @@ class ResourceCache:
             encoded[type_url] = TypeResources.of(
                 self._encode(type_url, types.get(type_url, {}), known)
             )
-        return GroupResources(name=group, types=encoded)
+        return GroupResources(name=group, types=encoded, identities=identities)
 
     @staticmethod
     def _encode(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -102,6 +103,8 @@ class Client:
     group: str = ""
     peer: str = ""
     user_agent: str = ""
+    #: The verified certificate identities with mTLS (SPIFFE ID first); None without.
+    identities: tuple[str, ...] | None = None
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeStatus] = field(default_factory=dict)
     observers: Sequence[ClientObserver] = ()
@@ -143,6 +146,7 @@ class Client:
             "service": self.service,
             "peer": self.peer,
             "user_agent": self.user_agent,
+            "identities": None if self.identities is None else list(self.identities),
             "connected_at": self.connected_at,
             "in_sync": self.in_sync(group),
             "types": {
@@ -185,13 +189,24 @@ class ClientRegistry:
         self._ids = itertools.count(1)
         #: Told of every response, ACK and NACK of every client opened after they were added.
         self.observers: list[ClientObserver] = []
+        #: Streams refused after they opened (a certificate claiming another group, a
+        #: limit), by reason; the latest ones in full for the admin API.
+        self.refused: Counter[str] = Counter()
+        self.recent_refusals: deque[dict[str, Any]] = deque(maxlen=100)
 
-    def open(self, protocol: str, service: str, peer: str = "") -> Client:
+    def open(
+        self,
+        protocol: str,
+        service: str,
+        peer: str = "",
+        identities: tuple[str, ...] | None = None,
+    ) -> Client:
         client = Client(
             stream_id=next(self._ids),
             protocol=protocol,
             service=service,
             peer=peer,
+            identities=identities,
             observers=tuple(self.observers),
         )
         self._clients[client.stream_id] = client
@@ -199,6 +214,21 @@ class ClientRegistry:
 
     def close(self, client: Client) -> None:
         self._clients.pop(client.stream_id, None)
+
+    def refuse(self, client: Client, reason: str, message: str) -> None:
+        """Record why a client's stream is ended (the stream aborts it)."""
+        self.refused[reason] += 1
+        self.recent_refusals.append(
+            {
+                "at": time.time(),
+                "reason": reason,
+                "message": message,
+                "node_id": client.node_id,
+                "node_cluster": client.node_cluster,
+                "peer": client.peer,
+                "identities": list(client.identities or ()),
+            }
+        )
 
     def __iter__(self) -> Iterator[Client]:
         return iter(list(self._clients.values()))

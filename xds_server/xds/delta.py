@@ -6,6 +6,11 @@ and the names the client holds that no longer exist. On reconnect the client's
 ``initial_resource_versions`` seed that record, so nothing it already has is
 sent again (versions are content hashes, stable across server restarts).
 
+A subscribed name that does not exist is answered in ``removed_resources`` (the
+protocol's "does not exist"), so the client need not wait for its initial fetch
+timeout (Envoy warms an EDS cluster for 15 s otherwise); if it appears later it
+is sent like any update.
+
 Subscription changes in a request always apply, even when its nonce is stale:
 unlike SotW, a delta request that is dropped is lost for good. A NACKed
 resource version is not re-sent until it changes; after a CDS response that
@@ -48,11 +53,17 @@ class DeltaTypeState:
     in_flight: _InFlight | None = None
     rejected: dict[str, str] = field(default_factory=dict)
     resend: set[str] = field(default_factory=set)
+    unanswered: set[str] = field(default_factory=set)  # subscribed, not yet looked up
+    first_due: bool = False  # the first request is answered even when there is nothing
 
     def apply(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         if not self.requested:
             self.requested = True
             self.held.update(request.initial_resource_versions)
+            # An empty wildcard type (a group without listeners) still gets an answer, or
+            # Envoy waits for its initial fetch timeout; a reconnect that holds the current
+            # versions (initial_resource_versions) needs none.
+            self.first_due = not request.initial_resource_versions
             if self.type_url in typeurls.FULL_STATE and not request.resource_names_subscribe:
                 self.wildcard = True  # legacy wildcard: first request subscribes to nothing
         for name in request.resource_names_subscribe:
@@ -60,11 +71,13 @@ class DeltaTypeState:
                 self.wildcard = True
             else:
                 self.names.add(name)
+                self.unanswered.add(name)
         for name in request.resource_names_unsubscribe:
             if name == "*":
                 self.wildcard = False
             else:
                 self.names.discard(name)
+                self.unanswered.discard(name)
                 self.held.pop(name, None)
 
     def to_send(self, served: TypeResources) -> tuple[dict[str, Resource], list[str]] | None:
@@ -81,8 +94,14 @@ class DeltaTypeState:
             if (self.held.get(n) != r.version or n in self.resend)
             and self.rejected.get(n) != r.version
         }
-        removed = sorted(n for n in self.held if n not in chosen)
-        if not updated and not removed:
+        gone = {n for n in self.held if n not in chosen}
+        # Newly subscribed names that do not exist: say so. (Names that do exist are in
+        # `updated` unless the client already holds that version.)
+        gone.update(n for n in self.unanswered if n not in resources)
+        self.unanswered.clear()
+        removed = sorted(gone)
+        first_due, self.first_due = self.first_due, False
+        if not updated and not removed and not first_due:
             return None
         return updated, removed
 

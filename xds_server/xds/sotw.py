@@ -4,10 +4,14 @@ Rules, each there because a real client depends on it:
 
 * One response per type in flight: the next waits for the ACK or NACK, so
   changes made meanwhile are coalesced into one response.
-* A reply carrying a nonce other than the last one sent is stale and ignored.
+* A reply carrying a nonce other than the last one sent is stale and ignored;
+  but before anything was sent for a type on this stream, no nonce can be ours:
+  a first request that echoes one (a reconnecting client) is a fresh request.
 * A NACKed type version is not sent again to that client; the next change is.
 * Listeners and clusters are full state; endpoints and routes are requested by
-  name and a response carries only the ones the client lacks.
+  name and a response carries only the ones the client lacks. A full-state set
+  that becomes empty is sent empty (it tells Envoy to delete them all); a name
+  that does not exist gets no answer, as SotW has no way to say so.
 * Envoy re-sends a request identical to its last ACK when it needs a resource
   again (an EDS cluster re-created by a CDS update): that request is answered
   in full even though nothing changed. And after a CDS response that updates
@@ -53,6 +57,7 @@ class SotwTypeState:
     resend: set[str] = field(default_factory=set)
     resend_all: bool = False
     rejected: dict[str, str] = field(default_factory=dict)  # last NACKed name -> version
+    rejected_set: dict[str, str] | None = None  # full state: the set last NACKed, if any
     last_names: list[str] | None = None  # resource_names of the last request, as sent
 
     @property
@@ -86,7 +91,7 @@ class SotwTypeState:
                 return None
             if self.answered and versions == self.known and not self.resend_all:
                 return None
-            return None if versions == self.rejected else wanted
+            return None if versions == self.rejected_set else wanted  # even when empty
         if self.answered and not self.resend_all:
             wanted = {
                 n: r
@@ -113,7 +118,7 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
         names = list(request.resource_names)
         same_names = names == state.last_names  # Envoy repeats the same list on every ACK
         nonce = request.response_nonce
-        if nonce:
+        if nonce and state.last_nonce:  # before a response, a nonce cannot be one of ours
             if nonce != state.last_nonce:
                 return  # stale: a reply to a response that has since been superseded
             if state.in_flight is not None:
@@ -140,9 +145,10 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
         status = self.client.status(state.type_url)
         if request.HasField("error_detail"):
             # Full state: that exact set. By name: each resource stays out until it changes.
-            state.rejected = (
-                dict(in_flight.sent) if state.full_state else {**state.rejected, **in_flight.sent}
-            )
+            if state.full_state:
+                state.rejected_set = dict(in_flight.sent)
+            else:
+                state.rejected.update(in_flight.sent)
             status.last_nack = Nack(
                 in_flight.version, in_flight.nonce, request.error_detail.message, time.time()
             )

@@ -17,6 +17,7 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 from envoy.config.core.v3 import base_pb2
 
+from xds_server.tls import identity_allowed
 from xds_server.xds import typeurls
 from xds_server.xds.cache import (
     EMPTY_GROUP,
@@ -66,7 +67,17 @@ Request = TypeVar("Request")
 
 
 class ProtocolError(Exception):
-    """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
+    """The client broke the protocol or a limit; the stream ends with `code`."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "protocol"
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if reason:
+            self.reason = reason
 
 
 class Stream(Subscriber, Generic[State, Request]):
@@ -82,10 +93,11 @@ class Stream(Subscriber, Generic[State, Request]):
         service: str,
         fixed_type: str | None = None,
         peer: str = "",
+        identities: tuple[str, ...] | None = None,
     ) -> None:
         self.cache = cache
         self.fixed_type = fixed_type
-        self.client: Client = registry.open(self.protocol, service, peer)
+        self.client: Client = registry.open(self.protocol, service, peer, identities)
         self.wakeup = asyncio.Event()
         self.states: dict[str, State] = {}  # type URL -> the protocol's per-type state
         self._registry = registry
@@ -93,6 +105,18 @@ class Stream(Subscriber, Generic[State, Request]):
 
     def notify(self) -> None:
         self.wakeup.set()
+
+    def refuse(self, error: ProtocolError) -> None:
+        """Log and record why the stream is being ended."""
+        log.warning(
+            "stream %s of node %r (peer %s, identities %s): %s",
+            self.client.stream_id,
+            self.client.node_id,
+            self.client.peer,
+            self.client.identities,
+            error,
+        )
+        self._registry.refuse(self.client, error.reason, str(error))
 
     def close(self) -> None:
         self._registry.close(self.client)
@@ -105,6 +129,14 @@ class Stream(Subscriber, Generic[State, Request]):
         group = self.cache.group_for(self.client.node_cluster)
         if group is EMPTY_GROUP:
             return None
+        identities = self.client.identities
+        if identities is not None and not identity_allowed(group.identities, identities):
+            raise ProtocolError(
+                f"node.cluster {self.client.node_cluster!r} selects node group {group.name!r}, "
+                f"which certificate identities {list(identities)} may not claim",
+                grpc.StatusCode.PERMISSION_DENIED,
+                "identity",
+            )
         self.client.group = group.name
         return group
 
@@ -198,11 +230,15 @@ async def serve(
         while True:
             await stream.wakeup.wait()
             stream.wakeup.clear()
+            if not failure:
+                try:
+                    pending = stream.responses()
+                except ProtocolError as err:
+                    failure.append(err)
             if failure:
-                log.warning("stream %s: %s", stream.client.stream_id, failure[0])
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure[0]))
+                stream.refuse(failure[0])
+                await context.abort(failure[0].code, str(failure[0]))
                 return
-            pending = stream.responses()
             while pending:  # hold no reference to written bytes while idle (memory per stream)
                 await context.write(pending.pop(0))
             if reader.done():
