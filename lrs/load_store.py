@@ -17,7 +17,8 @@ server, the same whichever Envoy relays them, so with every reporter past the ca
 mean is a plain mean of the reporters' means and one reporter moves it by at most its
 1/N share, whatever request counts it claims. Request counts are capped at
 `max_endpoint_rps` times the time since the reporter's previous report of that cluster
-(measured here, not the interval the report claims). And a report merges only the
+(measured here, not the interval the report claims), and at a few times the other
+reporters' mean (`lrs.claims`). And a report merges only the
 clusters its stream was asked for (`clusters`).
 
 Bad input never raises: values that are NaN, infinite, negative or absurd are dropped and
@@ -38,46 +39,40 @@ from typing import Any, Final, Protocol, cast
 from envoy.config.endpoint.v3 import load_report_pb2
 from google.protobuf import duration_pb2
 
+from lrs.claims import (
+    MAX_COUNT,
+    MAX_NAME,
+    MAX_UTILIZATION,
+    SHARE_CAP,
+    Claim,
+    drop_large,
+    plausible,
+)
 from lrs.load_window import Addresses, Cluster, Reporter, ReporterState, Series, endpoint_address
 from lrs.weights.signals import EndpointLoad
 from lrs.wire import TrimmedReport
 
 __all__ = [
-    "MAX_COUNT",
     "MAX_ENDPOINT_RPS",
     "MAX_INTERVAL",
-    "MAX_MEAN",
-    "MAX_NAME",
-    "MAX_UTILIZATION",
     "METRIC_WEIGHT_CAP",
     "MIN_INTERVAL",
     "SLICE_STATS",
     "UNNAMED_METRICS",
     "LoadStore",
     "Report",
-    "is_utilization",
     "trimmed",
 ]
 
-#: The most requests one report interval may carry (2**30 - 1, ~1.07e9); more is corruption.
-#: One less than a power of two, so `(a | b | c) > MAX_COUNT` checks several counts at once.
-MAX_COUNT: Final = 2**30 - 1
-#: Largest plausible mean of a utilization-like metric (a fraction, or at most a percentage).
-MAX_UTILIZATION: Final = 100.0
-#: Largest plausible mean of any other metric (queue lengths, token counts, ...).
-MAX_MEAN: Final = 1e9
-#: Longest metric name or zone kept; longer ones are dropped rather than stored.
-MAX_NAME: Final = 256
 #: Plausible `load_report_interval` range in seconds; Envoy measures it, so outside is bad.
 MIN_INTERVAL: Final = 0.001
 MAX_INTERVAL: Final = 3600.0
 #: Locality-level ORCA fields of UpstreamLocalityStats, kept under their metric names.
 UNNAMED_METRICS: Final = ("cpu_utilization", "mem_utilization", "application_utilization")
-_UTILIZATION_HINTS: Final = ("util", "usage", "perc")
 #: Requests one report may weigh with in an endpoint's metric mean (see the module docstring).
-METRIC_WEIGHT_CAP: Final = 16
+METRIC_WEIGHT_CAP: Final = 4
 #: Requests per second one reporter may claim for one endpoint; an LLM server finishes tens.
-MAX_ENDPOINT_RPS: Final = 2000.0
+MAX_ENDPOINT_RPS: Final = 500.0
 #: Endpoint stats merged between two yields of `LoadStore.ingest_steps` (~1 ms of work).
 SLICE_STATS: Final = 256
 #: What the merge reads of an endpoint or locality stat, in one C-level call per stat.
@@ -116,11 +111,6 @@ def trimmed(request: Report) -> Report:
     return cast(Report, TrimmedReport.FromString(request.SerializeToString()))
 
 
-def is_utilization(metric_name: str) -> bool:
-    """Utilization-like metrics (cpu_utilization, kv_cache_usage_perc) are at most 100."""
-    return any(hint in metric_name for hint in _UTILIZATION_HINTS)
-
-
 class LoadStore:
     """Per cluster, locality and endpoint windows of request rates and ORCA metric means.
 
@@ -137,14 +127,17 @@ class LoadStore:
         buckets: int = 5,
         metric_weight_cap: int | None = METRIC_WEIGHT_CAP,
         max_endpoint_rps: float = MAX_ENDPOINT_RPS,
+        reporter_share_cap: float | None = SHARE_CAP,
     ) -> None:
         """`metric_weight_cap` None weighs metric means by every request (one reporter can
-        then outweigh the rest); `max_endpoint_rps` bounds one reporter's count per endpoint."""
+        then outweigh the rest); `max_endpoint_rps` and `reporter_share_cap` bound one
+        reporter's count per endpoint (lrs.claims; None: no share cap)."""
         if not window > 0 or buckets < 1 or max_reporters < 1 or not max_endpoint_rps > 0:
             raise ValueError("window and max_endpoint_rps must be > 0, buckets >= 1")
         self.window = window
         self.metric_weight_cap = metric_weight_cap
         self.max_endpoint_rps = max_endpoint_rps
+        self.reporter_share_cap = reporter_share_cap
         self.max_metric_names = max_metric_names
         self.max_reporters = max_reporters
         self.max_localities = max_localities
@@ -290,29 +283,35 @@ class LoadStore:
         # release it at a yield, and the replace below then starts from nothing.
         state = cluster.states.get(reporter)
         interval = self._interval(stats.load_report_interval, state, now)
-        cluster.add_cover(index, interval)
-        # Counts are capped by the time this reporter really took, not the time it claims.
+        # A report covers the time this reporter really took, not more than it claims.
         elapsed = min(interval, now - state.time) if state is not None else interval
-        count_cap = max(1, int(self.max_endpoint_rps * max(elapsed, MIN_INTERVAL)))
+        cluster.add_cover(index, max(elapsed, MIN_INTERVAL))
+        claim = Claim(
+            max(elapsed, MIN_INTERVAL),
+            self.max_endpoint_rps,
+            self.reporter_share_cap,
+            state.rates if state is not None else {},
+            self.dropped_values,
+        )
         levels: dict[Series, int] = {}
         for locality_stats in stats.upstream_locality_stats:
             locality = self._locality(cluster, locality_stats.locality.zone, oldest)
             if locality is not None:
                 counts = _STAT_ROW(locality_stats)
                 row = (locality, *counts[:4], [*counts[4], *_unnamed_metrics(locality_stats)])
-                self._merge([row], _same, levels, now, index, count_cap)
+                self._merge([row], _same, levels, now, index, claim)
             rows = list(map(_ENDPOINT_ROW, locality_stats.upstream_endpoint_stats))
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
                 unknown = self._merge(
-                    chunk, cluster.addresses.__getitem__, levels, now, index, count_cap
+                    chunk, cluster.addresses.__getitem__, levels, now, index, claim
                 )
                 self.endpoint_stats += len(chunk) - unknown
                 if unknown:
                     self.ignored["unknown_endpoint"] += unknown
                 yield len(chunk)
         state = cluster.states.pop(reporter, None) or ReporterState()
-        state.replace(levels, now)
+        state.replace(levels, claim.rates, now)
         cluster.states[reporter] = state
 
     def _merge(
@@ -322,15 +321,15 @@ class LoadStore:
         levels: dict[Series, int],
         now: float,
         index: int,
-        count_cap: int = MAX_COUNT,
+        claim: Claim,
     ) -> int:
         """Add rows of (key, success, error, issued, in progress, metric stats) to the current
         buckets of the series `series_of(key)` names, noting each level; returns how many
-        rows named no known series. Counts over `count_cap` are cut to it, and each metric's
-        request count to `metric_weight_cap` (its mean kept).
+        rows named no known series. Counts are capped by `claim`, and each metric's request
+        count at `metric_weight_cap` (its mean kept).
 
         The hot loop of ingest (one pass per endpoint stat): locals bound, the common
-        case tested in one comparison chain, the rare rest decided by `_plausible`.
+        case tested in one comparison chain, the rare rest decided by `lrs.claims.plausible`.
         """
         oldest = index - self._buckets + 1
         slot = index % self._buckets
@@ -338,16 +337,17 @@ class LoadStore:
         unknown = 0
         max_count, max_utilization, metric_row = MAX_COUNT, MAX_UTILIZATION, _METRIC_ROW
         weight_cap = self.metric_weight_cap or max_count
-        count_cap = min(count_cap, max_count)
+        capped = claim.cap
         for key, success, error, issued, level, metrics in rows:
             series = series_of(key)
             if series is None:
                 unknown += 1
                 continue
             if (success | error | issued | level) > max_count:
-                success, error, issued, level = self._drop_large(success, error, issued, level)
-            if success + error > count_cap or issued > count_cap:
-                success, error, issued = self._cap_counts(success, error, issued, count_cap)
+                success, error, issued, level = drop_large(
+                    self.dropped_values, success, error, issued, level
+                )
+            success, error, issued = capped(series, success, error, issued)
             bucket = series.ring[slot]
             if bucket is None or bucket.index != index:
                 bucket = series.bucket(index)
@@ -360,7 +360,7 @@ class LoadStore:
             sums = bucket.metrics
             for name, num, total in map(metric_row, metrics):
                 if not (0 < num <= max_count and 0.0 <= total <= num * max_utilization):
-                    if not self._plausible(name, num, total):
+                    if not plausible(self.dropped_values, name, num, total):
                         continue
                 if num > weight_cap:
                     total *= weight_cap / num
@@ -404,20 +404,6 @@ class LoadStore:
         series = localities[zone] = Series(zone, self._buckets)
         return series
 
-    def _cap_counts(self, success: int, error: int, issued: int, cap: int) -> tuple[int, int, int]:
-        """Scale a reporter's finished counts down to `cap` (keeping their error share)."""
-        self.dropped_values["count_over_rate_cap"] += 1
-        finished = success + error
-        if finished > cap:
-            error = error * cap // finished
-            success = cap - error
-        return success, error, min(issued, cap)
-
-    def _drop_large(self, *counts: int) -> tuple[int, ...]:
-        kept = tuple(0 if count > MAX_COUNT else count for count in counts)
-        self.dropped_values["count_too_large"] += sum(count > MAX_COUNT for count in counts)
-        return kept
-
     def _admit(self, series: Series, name: str, index: int, oldest: int, cap: int) -> bool:
         """Whether a metric name new to the bucket may start a sum there; counts why not."""
         if not 0 < len(name) <= MAX_NAME:
@@ -427,27 +413,6 @@ class LoadStore:
             self.ignored["metric_name_cap"] += 1
             return False
         return True
-
-    def _plausible(self, name: str, num: int, total: float) -> bool:
-        """Whether a metric sum outside the common range is still believable; counts why not."""
-        if num == 0:
-            if total == 0.0:
-                return False  # nothing measured, nothing wrong
-            reason = "metric_without_requests"
-        elif num > MAX_COUNT:
-            reason = "count_too_large"
-        elif not math.isfinite(total):
-            reason = "not_finite"
-        elif total < 0.0:
-            reason = "negative"
-        elif not 0 < len(name) <= MAX_NAME:
-            reason = "bad_name"
-        elif total / num > (MAX_UTILIZATION if is_utilization(name) else MAX_MEAN):
-            reason = "too_large"
-        else:
-            return True
-        self.dropped_values[reason] += 1
-        return False
 
     # ------------------------------------------------------------------ reads
 

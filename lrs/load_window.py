@@ -78,7 +78,16 @@ class _Bucket:
 class Series:
     """One endpoint's or one locality's load: a ring of buckets plus live levels."""
 
-    __slots__ = ("in_progress", "key", "last_index", "last_seen", "names", "reporters", "ring")
+    __slots__ = (
+        "in_progress",
+        "key",
+        "last_index",
+        "last_seen",
+        "names",
+        "rate_sum",
+        "reporters",
+        "ring",
+    )
 
     def __init__(self, key: str, buckets: int) -> None:
         self.key = key
@@ -91,6 +100,8 @@ class Series:
         self.in_progress = 0
         #: Live reporter states whose latest report listed this series.
         self.reporters = 0
+        #: Sum over those states of the finished rate each reported last (lrs.claims).
+        self.rate_sum = 0.0
 
     def bucket(self, index: int) -> _Bucket:
         """The bucket for time index `index`, recycling the slot it displaces."""
@@ -157,31 +168,39 @@ class Series:
 class ReporterState:
     """One reporter's latest report of one cluster: when it came, and the levels it listed."""
 
-    __slots__ = ("levels", "time")
+    __slots__ = ("levels", "rates", "time")
 
     def __init__(self) -> None:
         self.time = -math.inf
         self.levels: dict[Series, int] = {}
+        self.rates: dict[Series, float] = {}
 
-    def replace(self, levels: dict[Series, int], now: float) -> None:
-        """Swap in a new report's levels, keeping each series' sums over reporters exact."""
+    def replace(self, levels: dict[Series, int], rates: dict[Series, float], now: float) -> None:
+        """Swap in a new report's levels and rates (the same series), keeping each series'
+        sums over reporters exact."""
         previous = self.levels
+        old_rates = self.rates
         for series, level in levels.items():
             before = previous.pop(series, None)
+            rate = rates.get(series, 0.0)
             if before is None:
                 series.reporters += 1
                 series.in_progress += level
+                series.rate_sum += rate
             else:
                 series.in_progress += level - before
+                series.rate_sum += rate - old_rates.get(series, 0.0)
         for series, before in previous.items():
             series.reporters -= 1
             series.in_progress -= before
+            series.rate_sum -= old_rates.get(series, 0.0)
         self.levels = levels
+        self.rates = rates
         self.time = now
 
     def release(self) -> None:
-        """Take this reporter's levels out of every series it listed."""
-        self.replace({}, self.time)
+        """Take this reporter's levels and rates out of every series it listed."""
+        self.replace({}, {}, self.time)
 
 
 class Addresses(dict[bytes, "Series | None"]):

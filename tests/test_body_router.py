@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +16,20 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.loop_watch import watch_loop
 from xds_server.config.reader import parse_config
 from xds_server.config.types import MODEL_HEADER
 from xds_server.grpc_server import start_grpc_server
 from xds_server.resources.build import LISTENER_METADATA
-from xds_server.router.body import BAD_MODEL, INVALID_JSON, NOT_AN_OBJECT, BodyError, extract_model
+from xds_server.router.body import (
+    BAD_MODEL,
+    INLINE_LIMIT,
+    INVALID_JSON,
+    NOT_AN_OBJECT,
+    BodyError,
+    ModelReader,
+    extract_model,
+)
 from xds_server.router.ext_proc import SERVICE, BodyRouter
 from xds_server.router.standalone import StandaloneRouter
 
@@ -140,10 +150,11 @@ def test_any_bytes_give_a_model_none_or_a_body_error(body: bytes) -> None:
 
 
 @pytest.fixture
-def router() -> BodyRouter:
+async def router() -> AsyncIterator[BodyRouter]:
     router = BodyRouter()
     router.update(parse_config(textwrap.dedent(SNAPSHOT), "t.yaml"))
-    return router
+    yield router
+    await router.aclose()
 
 
 def decode(answer: bytes) -> ep.ProcessingResponse:
@@ -325,6 +336,67 @@ async def test_streams_in_parallel(channel) -> None:
 
     models = ["llama-3-8b", "qwen", "llama3"] * 20
     assert await asyncio.gather(*(one(m) for m in models)) == models
+
+
+async def _route(channel: grpc.aio.Channel, body: bytes) -> ep.ProcessingResponse:
+    stream = open_stream(channel, "strict")
+    await stream.write(headers_message(end_of_stream=False))
+    await stream.read()
+    await stream.write(body_message(body))
+    answer = await stream.read()
+    assert await closed_ok(stream)
+    return answer
+
+
+async def test_a_big_body_is_parsed_off_the_event_loop(channel, router) -> None:
+    """Issue 12: the loop that parses bodies serves xDS and LRS too. json.loads of an 8 MiB
+    body holds it (and the GIL: a thread would not help) for tens of ms; a big body is
+    parsed in a worker process, so the loop's longest stall stays a fraction of that."""
+    body = json.dumps({"model": "llama-3-8b", "prompt": list(range(1_050_000))}).encode()
+    assert 7 * 2**20 < len(body) <= 8 * 2**20  # Envoy sends at most max_body_bytes (8 MiB)
+    started = time.perf_counter()
+    extract_model(body)
+    inline = time.perf_counter() - started  # what parsing on the loop would stall it
+    for attempt in ("cold", "warm"):  # the first one starts the worker
+        async with watch_loop() as loop:
+            assert routed_to(await _route(channel, body)) == "llama-3-8b"
+        assert loop.longest < inline / 3, (attempt, loop.longest, inline)
+    bad = body[:-1]  # cut short: invalid JSON, refused as 400 from the worker's BodyError
+    status, error = refused(await _route(channel, bad))
+    assert (status, error["code"]) == (400, INVALID_JSON)
+
+
+async def test_model_reader_agrees_with_extract_model_on_both_sides_of_the_limit() -> None:
+    reader = ModelReader(inline_limit=64)
+    try:
+        small, big = b'{"model": "m"}', json.dumps({"x": "y" * 100, "model": "big"}).encode()
+        assert len(small) <= 64 < len(big)
+        assert (await reader.read(small), await reader.read(big)) == ("m", "big")
+        for body in (b'{"model": 7, "pad": "' + b"x" * 100 + b'"}', b"[" + b"1," * 100 + b"1]"):
+            with pytest.raises(BodyError) as caught:
+                await reader.read(body)
+            with pytest.raises(BodyError) as inline:
+                extract_model(body)
+            assert (caught.value.kind, str(caught.value)) == (inline.value.kind, str(inline.value))
+    finally:
+        await reader.aclose()
+    assert INLINE_LIMIT == 256 * 1024
+
+
+async def test_a_dead_body_worker_is_replaced_and_no_body_goes_unanswered(caplog) -> None:
+    reader = ModelReader(inline_limit=16)
+    body = b'{"model": "m", "pad": "0123456789abcdef"}'
+    try:
+        assert await reader.read(body) == "m"
+        worker = reader._worker
+        assert worker is not None
+        worker.kill()
+        await worker.wait()
+        assert await reader.read(body) == "m"  # parsed inline, this once
+        assert "body parsing worker failed" in caplog.text
+        assert await reader.read(body) == "m" and reader._worker not in (None, worker)
+    finally:
+        await reader.aclose()
 
 
 # --------------------------------------------------------------------------- standalone

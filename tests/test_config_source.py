@@ -53,7 +53,6 @@ async def test_valid_edit_is_published_invalid_edit_keeps_last_good(tmp_path: Pa
         watcher.cancel()
 
 
-
 async def test_watcher_survives_an_unexpected_reload_error(tmp_path: Path, caplog):
     """Issue 12: anything but a SnapshotError (here a publish that raises) ended the watch
     task silently, and hot reload stopped for good. It is logged, counted and survived."""
@@ -95,6 +94,7 @@ async def test_watcher_survives_an_unexpected_reload_error(tmp_path: Path, caplo
         assert source.watch_errors == 1 and source.last.ok
     finally:
         watcher.cancel()
+
 
 def _mutations() -> st.SearchStrategy:
     """The valid document with one value somewhere replaced by an arbitrary value."""

@@ -208,3 +208,64 @@ async def test_invalid_file_edit_is_refused_and_serving_continues(rig: Rig):
     assert str(rig.path) in rig.plane.source.last.problems[0]
     counts = await rig.traffic(30)
     assert counts[0] == 0, rig.diagnose()
+
+
+async def _dynamic(rig: Rig) -> tuple[list[str], list[str], list[str]]:
+    """(active listeners, active clusters, warming clusters) in Envoy's config dump."""
+    listeners, active, warming = [], [], []
+    for config in (await rig.envoy.config_dump())["configs"]:
+        if config["@type"].endswith("ListenersConfigDump"):
+            found = config.get("dynamic_listeners", [])
+            listeners = [x["name"] for x in found if "active_state" in x]
+        elif config["@type"].endswith("ClustersConfigDump"):
+            active = [c["cluster"]["name"] for c in config.get("dynamic_active_clusters", [])]
+            warming = [c["cluster"]["name"] for c in config.get("dynamic_warming_clusters", [])]
+    return listeners, active, warming
+
+
+async def _until(check: Callable[[], Any], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_a_reload_that_removes_every_listener_and_cluster_empties_envoy(rig: Rig):
+    """Issue 12: the last listener and cluster removed; SotW sent nothing (an empty full
+    state never left), so Envoy kept serving the old config."""
+    listeners, clusters, _ = await _dynamic(rig)
+    assert listeners == ["inference"] and "llama" in clusters
+    await rig.edit(lambda d: (d["listeners"].clear(), d["pools"].clear()))
+
+    async def emptied() -> bool:
+        return await _dynamic(rig) == ([], [], [])
+
+    assert await _until(emptied, 5), await _dynamic(rig)
+    await rig.edit(lambda d: d.update(_doc(rig.listener_port, [rig.upstreams[0].port])))
+    assert (await rig.traffic(10)) == {rig.upstreams[0].port: 10}, rig.diagnose()
+
+
+async def test_delta_tells_envoy_at_once_that_endpoints_do_not_exist(rig: Rig):
+    """Issue 12: an EDS cluster whose ClusterLoadAssignment does not exist. Delta says so
+    (removed_resources) and Envoy stops warming the cluster at once instead of after its
+    15 s initial fetch timeout."""
+    if rig.envoy_client().protocol != "delta":
+        pytest.skip("SotW has no way to say a resource does not exist (xDS protocol docs)")
+    orphan = {
+        "name": "raw-orphan",
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {
+            "eds_config": {"ads": {}, "resource_api_version": "V3"},
+            "service_name": "no-such-assignment",
+        },
+    }
+    await rig.edit(lambda d: d.setdefault("envoy", {}).update(clusters=[orphan]))
+
+    async def active() -> bool:
+        _, clusters, warming = await _dynamic(rig)
+        return "raw-orphan" in clusters and not warming
+
+    assert await _until(active, 5), await _dynamic(rig)

@@ -13,7 +13,8 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lrs.load_store import MAX_COUNT, LoadStore, trimmed
+from lrs.claims import MAX_COUNT
+from lrs.load_store import LoadStore, trimmed
 from lrs.load_window import endpoint_address
 from lrs.weights.signals import EndpointLoad
 from lrs.wire import TrimmedReport

@@ -204,6 +204,16 @@ async def test_a_certificate_claiming_another_group_gets_no_resource(pki: Pki, p
             await client.recv()
         assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert EDGE_ID in (raised.value.details() or "")
+    # Operators see it: the admin API names the node, its claim and its identity; metrics count.
+    async with aiohttp.ClientSession() as session:
+        admin = f"http://127.0.0.1:{plane.admin_port}"
+        async with session.get(f"{admin}/api/v1/nodes") as response:
+            [refusal] = (await response.json())["refused"]
+        async with session.get(f"{admin}/metrics") as response:
+            metrics = await response.text()
+    assert refusal["node_id"] == "sneaky" and refusal["identities"] == [EDGE_ID]
+    assert refusal["reason"] == "identity" and refusal["node_cluster"] == "internal"
+    assert 'xds_client_refused_total{reason="identity",service="xds"} 1.0' in metrics
     # The same certificate for its own group is served.
     async with SotwClient(target, node("fine", "edge"), credentials=creds) as client:
         client.request(typeurls.CLUSTER)

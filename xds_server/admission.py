@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import grpc
 
@@ -76,8 +77,10 @@ class Refused(Exception):
 
 
 def peer_address(peer: str) -> str:
-    """The IP of a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`)."""
+    """The IP of a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`; gRPC
+    percent-encodes the brackets: `ipv6:%5B::1%5D:5000`)."""
     kind, _, rest = peer.partition(":")
+    rest = unquote(rest)
     if kind == "ipv6" and rest.startswith("["):
         return rest[1:].partition("]")[0]
     if kind == "ipv4":

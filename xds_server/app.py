@@ -110,6 +110,7 @@ class ControlPlane:
             self.store.pool_load, self.publisher.publish_weights, settings.weight_tick
         )
         self.metrics.observe_control_loop(self.lrs, self.engine)
+        self.metrics.observe_trust(self.admission, self.lrs, lambda: self.tls)
         self.publisher.on_config.append(self._follow_config)
         self.observe_load(
             lambda pool: self.store.pool_load(pool, time.monotonic()), lambda: self.store.reports
@@ -164,7 +165,11 @@ class ControlPlane:
             raise
         limits = self.settings.limits
         services = DiscoveryServices(
-            self.cache, self.registry, self.admission.gate, limits.max_xds_request_bytes
+            self.cache,
+            self.registry,
+            self.admission.gate,
+            limits.max_xds_request_bytes,
+            limits.max_names_per_subscription,
         )
         self._grpc, self.xds_port = await start_grpc_server(
             [*services.handlers(), *self.lrs.handlers()],
@@ -232,6 +237,7 @@ class ControlPlane:
         self.metrics.close()
         if self._router is not None:
             await self._router.stop(grace)
+        await self.body_router.aclose()
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()

@@ -8,12 +8,16 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from xds_server import __version__
+from xds_server.serve_options import (
+    add_limit_arguments,
+    add_tls_arguments,
+    client_limits,
+    tls_files,
+)
 
 __all__ = [
     "DEFAULT_SNAPSHOT",
@@ -28,10 +32,6 @@ __all__ = [
     "port_number",
     "start_logging",
 ]
-
-if TYPE_CHECKING:
-    from xds_server.admission import ClientLimits
-    from xds_server.tls import TlsFiles
 
 DEFAULT_SNAPSHOT = "data/demo.yaml"
 
@@ -93,84 +93,6 @@ def _allowed_host(value: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return value
-
-
-def _add_tls_arguments(parser: argparse.ArgumentParser, where: str) -> None:
-    parser.add_argument(
-        "--tls-cert",
-        type=Path,
-        help=f"PEM certificate chain: {where} speak TLS only (with --tls-key); the files are "
-        "re-read when they change",
-    )
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument(
-        "--tls-client-ca",
-        type=Path,
-        help="PEM CA bundle: require client certificates it signed (mTLS); a node's identity "
-        "is then its certificate's SPIFFE ID (or URI / DNS SAN), bound to node groups by "
-        "their `identities`",
-    )
-
-
-#: ClientLimits field -> (flag type, help). Every limit is a flag of `serve`.
-_LIMIT_FLAGS: dict[str, tuple[Callable[[str], float], str]] = {
-    "max_streams": (int, "open xDS + LRS streams of all clients together"),
-    "max_streams_per_peer": (int, "open streams of one client (identity with mTLS, else IP)"),
-    "max_names_per_subscription": (int, "resource names one xDS subscription may name"),
-    "admission_rate": (float, "new streams admitted per second (a reconnect storm is paced)"),
-    "admission_burst": (int, "new streams admitted at once before pacing starts"),
-    "admission_wait": (float, "seconds a new stream may wait for admission"),
-    "max_xds_request_bytes": (int, "largest xDS request accepted"),
-    "max_lrs_request_bytes": (int, "largest LRS report accepted"),
-    "max_connection_age": (float, "seconds before a connection must reconnect (±10 %%; 0: off)"),
-    "max_connection_age_grace": (float, "seconds an aged connection's streams may finish"),
-}
-
-
-def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
-    from xds_server.admission import ClientLimits
-
-    defaults = ClientLimits()
-    group = parser.add_argument_group("per-client limits (over one: RESOURCE_EXHAUSTED)")
-    for name, (kind, text) in _LIMIT_FLAGS.items():
-        default = getattr(defaults, name)
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            type=_non_negative(kind),
-            default=default,
-            help=f"{text} (default {default})",
-        )
-
-
-def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(value: str) -> float:
-        try:
-            number = kind(value)
-        except ValueError:
-            number = -1
-        if not 0 <= number < 1e12:
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-        return number
-
-    return parse
-
-
-def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
-    from xds_server.tls import TlsFiles
-
-    if args.tls_cert is None and args.tls_key is None:
-        if args.tls_client_ca is not None:
-            raise SystemExit("xds-server: --tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if args.tls_cert is None or args.tls_key is None:
-        raise SystemExit("xds-server: give both --tls-cert and --tls-key")
-    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
-
-
-def _limits(args: argparse.Namespace) -> ClientLimits:
-    from xds_server.admission import ClientLimits
-
-    return ClientLimits(**{name: getattr(args, name) for name in _LIMIT_FLAGS})
 
 
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -270,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="cores that merging load reports may use before Envoys are asked to report "
         "less often (default 0.5)",
     )
-    _add_tls_arguments(serve, "the gRPC ports (xDS + LRS, body router)")
-    _add_limit_arguments(serve)
+    add_tls_arguments(serve, "the gRPC ports (xDS + LRS, body router)")
+    add_limit_arguments(serve)
     _add_policy_argument(serve)
 
     validate = sub.add_parser(
@@ -436,8 +358,8 @@ async def _serve(args: argparse.Namespace) -> int:
         admin_allowed_hosts=tuple(args.admin_allowed_host),
         lrs_interval=args.lrs_interval,
         lrs_cpu_budget=args.lrs_cpu_budget,
-        tls=_tls_files(args),
-        limits=_limits(args),
+        tls=tls_files(args),
+        limits=client_limits(args),
         allowed_policy_modules=tuple(args.allow_policy_module),
     )
     plane = ControlPlane(settings)

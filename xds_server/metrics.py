@@ -26,9 +26,12 @@ from prometheus_client.registry import Collector
 
 from lrs.load_reporting_service import LoadReportingService
 from lrs.weights.engine import WeightEngine
+from xds_server.admission import Admission
 from xds_server.config.file_source import FileSource
 from xds_server.config.types import Pool
+from xds_server.control_metrics import ControlLoopCollector, TrustCollector
 from xds_server.fleet import FleetView
+from xds_server.tls import ServerTls
 from xds_server.xds import typeurls
 from xds_server.xds.cache import ResourceCache, Subscriber
 from xds_server.xds.clients import Client, ClientRegistry, TypeStatus, sync_state
@@ -38,7 +41,6 @@ __all__ = [
     "CONVERGENCE_BUCKETS",
     "MAX_LOAD_METRICS",
     "VERSION_HISTORY",
-    "ControlLoopCollector",
     "LoadCollector",
     "Metrics",
     "ProtocolMetrics",
@@ -360,56 +362,12 @@ def _gauge(
     return family
 
 
-class ControlLoopCollector(Collector):
-    """The load-to-weights loop: LRS pacing (back-pressure) and the weight engine's rounds.
-
-    An operator sees here why weights react slowly (a raised reporting interval under
-    ingest load) or not at all (a failing custom policy)."""
-
-    def __init__(self, lrs: LoadReportingService, engine: WeightEngine) -> None:
-        self.lrs = lrs
-        self.engine = engine
-
-    def collect(self) -> Iterator[Metric]:
-        lrs = self.lrs
-        yield GaugeMetricFamily(
-            "xds_lrs_reporting_interval_seconds",
-            "load_reporting_interval sent to Envoys (raised above lrs_interval under ingest load)",
-            value=lrs.reporting_interval,
-        )
-        yield GaugeMetricFamily(
-            "xds_lrs_ingest_cpu_cores",
-            "CPU spent merging load reports, in cores, recently",
-            value=lrs.ingest_cpu_share,
-        )
-        yield GaugeMetricFamily(
-            "xds_lrs_ingest_cpu_budget_cores",
-            "ingest CPU above which reporters are asked to report less often",
-            value=lrs.cpu_budget,
-        )
-        pushes = CounterMetricFamily(
-            "xds_weight_pushes", "EDS pushes of engine-computed weights", labels=["pool"]
-        )
-        for name, state in self.engine.pools.items():
-            pushes.add_metric([name], state.pushes)
-        yield pushes
-        yield CounterMetricFamily(
-            "xds_weight_policy_errors",
-            "weight policy calls that failed or gave invalid weights (weights kept)",
-            value=self.engine.policy_errors,
-        )
-        yield CounterMetricFamily(
-            "xds_weight_rounds_failed",
-            "weight engine rounds that failed",
-            value=self.engine.step_errors,
-        )
-
-
 class Metrics:
     """All xds_ series of one control plane, in its own registry, served as `/metrics`."""
 
     def __init__(self, cache: ResourceCache, clients: ClientRegistry, fleet: FleetView) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self.clients = clients
         self.clock = VersionClock(cache)
         self.protocol = ProtocolMetrics(self.registry, self.clock)
         clients.observers.append(self.protocol)
@@ -435,6 +393,14 @@ class Metrics:
 
     def observe_control_loop(self, lrs: LoadReportingService, engine: WeightEngine) -> None:
         self.registry.register(ControlLoopCollector(lrs, engine))
+
+    def observe_trust(
+        self,
+        admission: Admission,
+        lrs: LoadReportingService,
+        tls: Callable[[], ServerTls | None],
+    ) -> None:
+        self.registry.register(TrustCollector(admission, self.clients, lrs, tls))
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every series."""

@@ -106,8 +106,9 @@ DOCUMENT: Final[dict[str, Any]] = {
             _json("config dump"),
         ),
         "/api/v1/nodes": _get(
-            "connected clients: id, cluster, group, protocol, per type the sent and ACKed "
-            "version and the last NACK with its error",
+            "connected clients: id, cluster, group, protocol, certificate identities (mTLS), "
+            "per type the sent and ACKed version and the last NACK with its error; and the "
+            "latest streams refused (a certificate claiming another group, a limit) with why",
             _json("nodes"),
         ),
         "/api/v1/pools": _get("served pools with endpoint counts per state", _json("pools")),

@@ -2,10 +2,17 @@
 
 Each answer is built from the live objects at request time; nothing here keeps
 state, so what an operator reads is what is being served at that moment.
+
+The config dump is built in a thread: for 2,000 endpoints it took 80-120 ms, all of
+it stalling the event loop that serves xDS and LRS. It reads one version of the
+cache (groups are replaced, never changed in place), so it stays consistent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +26,7 @@ from xds_server.admin.http import ApiError, json_response
 from xds_server.config.types import Pool
 from xds_server.fleet import FleetView
 from xds_server.xds import typeurls
-from xds_server.xds.cache import Resource, ResourceCache
+from xds_server.xds.cache import GroupResources, Resource, ResourceCache
 from xds_server.xds.clients import ClientRegistry
 
 __all__ = ["MESSAGE_TYPES", "ReadViews", "served_pool"]
@@ -38,6 +45,24 @@ def _resource_json(resource: Resource) -> dict[str, Any]:
         "version": resource.version,
         "resource": json_format.MessageToDict(message, preserving_proto_field_name=True),
     }
+
+
+def _dump_text(head: dict[str, Any], groups: Mapping[str, GroupResources]) -> str:
+    """The config dump as JSON text (blocking: tens of ms for thousands of endpoints)."""
+    dump = {
+        **head,
+        "groups": {
+            name: {
+                typeurls.SHORT_NAMES[url]: {
+                    "version": snap.version,
+                    "resources": {n: _resource_json(r) for n, r in sorted(snap.resources.items())},
+                }
+                for url, snap in group.types.items()
+            }
+            for name, group in groups.items()
+        },
+    }
+    return json.dumps(dump, indent=2) + "\n"
 
 
 def served_pool(fleet: FleetView, request: web.Request) -> Pool:
@@ -87,24 +112,13 @@ class ReadViews:
         )
 
     async def snapshot(self, _request: web.Request) -> web.Response:
-        groups = {
-            name: {
-                typeurls.SHORT_NAMES[url]: {
-                    "version": snap.version,
-                    "resources": {n: _resource_json(r) for n, r in sorted(snap.resources.items())},
-                }
-                for url, snap in group.types.items()
-            }
-            for name, group in self.cache.groups.items()
+        head = {
+            "generation": self.cache.generation,
+            "snapshot": self._load_state(),
+            "overlay": self.overlay.overlay.to_json(),
         }
-        return json_response(
-            {
-                "generation": self.cache.generation,
-                "snapshot": self._load_state(),
-                "overlay": self.overlay.overlay.to_json(),
-                "groups": groups,
-            }
-        )
+        text = await asyncio.to_thread(_dump_text, head, self.cache.groups)
+        return web.Response(text=text, content_type="application/json")
 
     async def nodes(self, _request: web.Request) -> web.Response:
         return json_response(
@@ -112,7 +126,10 @@ class ReadViews:
                 "nodes": [
                     client.to_json(self.cache.group_for(client.node_cluster))
                     for client in self.clients
-                ]
+                ],
+                # Streams ended for claiming a group their certificate may not, or for a
+                # limit: the latest 100, oldest first.
+                "refused": list(self.clients.recent_refusals),
             }
         )
 

@@ -23,7 +23,8 @@ and never sends it the response: server-sent events stream through untouched.
 Which routes a request's listener has comes from the snapshot (`update`, called on
 every config the control plane publishes); Envoy names the listener in the stream's
 gRPC metadata. Answers are encoded once per config, so routing a request costs one
-JSON parse and a dict lookup.
+JSON parse and a dict lookup; a body over 256 KiB is parsed in a worker process so the
+event loop, which serves xDS and LRS too, is not held up (router.body.ModelReader).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter
 from lrs.contract import raw_bytes
 from xds_server.config.types import MODEL_HEADER, Config, Listener
 from xds_server.resources.build import LISTENER_METADATA
-from xds_server.router.body import BodyError, extract_model
+from xds_server.router.body import BodyError, ModelReader, extract_model
 
 __all__ = [
     "MISSING_MODEL",
@@ -155,11 +156,18 @@ class ListenerRoutes:
         return cls(listener.name, models, listener.has_fallback, answers, metrics)
 
     def answer(self, body: bytes) -> bytes:
-        """The router's answer to a request body on this listener."""
+        """The router's answer to a request body on this listener (parsed here and now)."""
         try:
             model = extract_model(body)
         except BodyError as err:
-            return self._refuse(400, err.kind, str(err))
+            return self.refuse_body(err)
+        return self.answer_model(model)
+
+    def refuse_body(self, err: BodyError) -> bytes:
+        return self._refuse(400, err.kind, str(err))
+
+    def answer_model(self, model: str | None) -> bytes:
+        """The answer to a body that names `model` (None: names none)."""
         if model is None:
             if self.fallback:
                 self.metrics.passed.labels(self.name, "no_model").inc()
@@ -199,10 +207,13 @@ class BodyRouter:
     `registry`: where its metrics go (the control plane's); by default one of its own.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, reader: ModelReader | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
         self.routes: Mapping[str, ListenerRoutes] = {}
+        self.reader = reader or ModelReader()
 
     def update(self, config: Config) -> None:
         """Route by the body-routing listeners of `config` from now on."""
@@ -211,17 +222,36 @@ class BodyRouter:
         }
 
     def answer(self, listener: str, body: bytes) -> bytes:
-        """The answer to a request body that arrived on `listener` (a serialized response)."""
+        """The answer to a request body that arrived on `listener` (a serialized response),
+        parsed here and now whatever its size (`answer_off_loop` is what the service uses)."""
         routes = self.routes.get(listener)
         if routes is None:
-            self.metrics.errors.labels(UNKNOWN_LISTENER).inc()
-            return _refusal(
-                503,
-                UNKNOWN_LISTENER,
-                f"the body router has no routes for listener {listener!r}: does it follow "
-                "the same snapshot as the control plane?",
-            )
+            return self._unknown_listener(listener)
         return routes.answer(body)
+
+    async def answer_off_loop(self, listener: str, body: bytes) -> bytes:
+        """`answer`, with a big body parsed off the event loop (ModelReader)."""
+        routes = self.routes.get(listener)
+        if routes is None:
+            return self._unknown_listener(listener)
+        try:
+            model = await self.reader.read(body)
+        except BodyError as err:
+            return routes.refuse_body(err)
+        return routes.answer_model(model)
+
+    def _unknown_listener(self, listener: str) -> bytes:
+        self.metrics.errors.labels(UNKNOWN_LISTENER).inc()
+        return _refusal(
+            503,
+            UNKNOWN_LISTENER,
+            f"the body router has no routes for listener {listener!r}: does it follow "
+            "the same snapshot as the control plane?",
+        )
+
+    async def aclose(self) -> None:
+        """Stop the worker process that parses big bodies (if one was started)."""
+        await self.reader.aclose()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         process = grpc.stream_stream_rpc_method_handler(
@@ -246,7 +276,7 @@ class BodyRouter:
                     return
                 yield _CONTINUE
             elif kind == "request_body":
-                yield self.answer(listener, request.request_body.body)
+                yield await self.answer_off_loop(listener, request.request_body.body)
                 return
             else:  # a processing mode other than the generated one: stay out of the way
                 self.metrics.errors.labels(UNEXPECTED_MESSAGE).inc()

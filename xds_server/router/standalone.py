@@ -84,3 +84,4 @@ class StandaloneRouter:
             await self._metrics.cleanup()
         if self._server is not None:
             await self._server.stop(grace)
+        await self.router.aclose()

@@ -27,6 +27,7 @@ __all__ = ["ADS_SERVICE", "PER_TYPE_SERVICES", "DiscoveryServices"]
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _MAX_REQUEST_BYTES = ClientLimits().max_xds_request_bytes
+_MAX_NAMES = ClientLimits().max_names_per_subscription
 #: (service, call) -> the call's admission (see xds_server.admission.Admission.gate).
 Gate = Callable[[str, grpc.aio.ServicerContext], AbstractAsyncContextManager[Peer]]
 _SOTW: Callable[[bytes], discovery_pb2.DiscoveryRequest] = discovery_pb2.DiscoveryRequest.FromString
@@ -52,6 +53,7 @@ class DiscoveryServices:
         registry: ClientRegistry,
         gate: Gate | None = None,
         max_request_bytes: int = _MAX_REQUEST_BYTES,
+        max_names: int = _MAX_NAMES,
     ) -> None:
         """`gate` admits each stream (limits, certificate identities; default: the default
         limits); requests over `max_request_bytes` end their stream."""
@@ -59,6 +61,7 @@ class DiscoveryServices:
         self.registry = registry
         self.gate = gate or Admission().gate
         self.max_request_bytes = max_request_bytes
+        self.max_names = max_names
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         ads = {
@@ -111,9 +114,18 @@ class DiscoveryServices:
                     "message_size",
                 )
             try:
-                yield parse(payload)
+                request = parse(payload)
             except DecodeError as err:
                 raise ProtocolError(f"not a valid xDS request: {err}") from None
+            names = _names_in(request)
+            if names > self.max_names:
+                raise ProtocolError(
+                    f"a subscription naming {names} resources is over the limit of "
+                    f"{self.max_names}",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "subscription_names",
+                )
+            yield request
 
     def _fetcher(
         self, type_url: str
@@ -141,3 +153,12 @@ class DiscoveryServices:
             return join_chunks((r.sotw_chunk for r in wanted.values()), header)
 
         return fetch
+
+
+def _names_in(request: object) -> int:
+    """Resource names a request subscribes to: the whole list (SotW), or those added (Delta)."""
+    if isinstance(request, discovery_pb2.DeltaDiscoveryRequest):
+        return len(request.resource_names_subscribe)
+    if isinstance(request, discovery_pb2.DiscoveryRequest):
+        return len(request.resource_names)
+    return 0
