@@ -41,12 +41,14 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from lrs.contract import raw_bytes
+from xds_lab.certs import Authority
 from xds_lab.envoy_rig import BENCH_LIMITS
-from xds_server.admission import Admission
+from xds_server.admission import Admission, ClientLimits
 from xds_server.config.reader import parse_config
 from xds_server.config.types import Pool
 from xds_server.grpc_server import SERVER_OPTIONS, start_grpc_server
 from xds_server.resources.build import build_all, cluster_load_assignment
+from xds_server.tls import ServerTls, TlsFiles
 from xds_server.xds import typeurls
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
@@ -61,6 +63,10 @@ EDITS = ("edit-one", "edit-all")
 CAPTURED = ("cds", "eds", *EDITS)
 TARGET_SPREAD_RATIO = 2.0
 TARGET_EDIT_TO_FIRST_MS = 200.0
+#: With --tls: our figures over mTLS at most this many times our plaintext ones (issue 12).
+TARGET_TLS_RATIO = 1.3
+#: The subjects of a --tls run, in the order their edits alternate.
+TLS_SUBJECTS = ("ours", "raw", "ours-tls", "raw-tls")
 #: Bound on every wait for clients or servers, so a stuck run fails instead of hanging.
 PHASE_TIMEOUT = 120.0
 KIB, MIB = 1024, 1024 * 1024
@@ -92,6 +98,71 @@ def reweighted(pool: Pool, weight: int) -> Pool:
     """The pool with every endpoint at ``weight``: what the weight engine publishes."""
     endpoints = tuple(replace(e, weight=weight) for e in pool.endpoints)
     return replace(pool, endpoints=endpoints)
+
+
+# --- certificates for --tls: made at run time by the lab's CA ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Pki:
+    """A CA, a server certificate for 127.0.0.1 and one client certificate, as PEM files.
+
+    Made once per run in a temporary directory; the server roles get the directory
+    (``--tls-dir``) and find the files by name. Every client presents the same
+    certificate, so with mTLS they are one peer (the bench limits do not bound peers).
+    """
+
+    directory: Path
+    CA = "bench-ca"
+    SERVER = "xds-server"
+    CLIENT = "bench-client"
+    CLIENT_ID = "spiffe://bench.example/ns/bench/sa/envoy"
+
+    @classmethod
+    def make(cls, directory: Path) -> Pki:
+        ca = Authority(directory, cls.CA)
+        ca.server(cls.SERVER)
+        ca.issue(cls.CLIENT, uris=(cls.CLIENT_ID,))
+        return cls(directory)
+
+    def pem(self, name: str) -> Path:
+        return self.directory / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.directory / f"{name}-key.pem"
+
+    def server_files(self) -> TlsFiles:
+        """What the product's --tls-cert/--tls-key/--tls-client-ca name: mTLS required."""
+        return TlsFiles(self.pem(self.SERVER), self.key(self.SERVER), self.pem(self.CA))
+
+    def raw_credentials(self) -> grpc.ServerCredentials:
+        """The same mTLS for the raw baseline, with grpc's static credentials."""
+        files = self.server_files()
+        assert files.client_ca is not None
+        return grpc.ssl_server_credentials(
+            [(files.key.read_bytes(), files.cert.read_bytes())],
+            root_certificates=files.client_ca.read_bytes(),
+            require_client_auth=True,
+        )
+
+    def client_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.pem(self.CA).read_bytes(),
+            self.key(self.CLIENT).read_bytes(),
+            self.pem(self.CLIENT).read_bytes(),
+        )
+
+
+def client_channel(
+    port: int, credentials: grpc.ChannelCredentials | None, *options: tuple[str, Any]
+) -> grpc.aio.Channel:
+    """A channel of its own (its own TCP connection) to 127.0.0.1:port, over mTLS or not."""
+    # A local subchannel pool: otherwise channels to one target share one connection.
+    opts = [("grpc.use_local_subchannel_pool", 1), *options]
+    target = f"127.0.0.1:{port}"
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=opts)
+    return grpc.aio.secure_channel(target, credentials, options=opts)
 
 
 # --- the servers: ours and the raw baseline, each driven over stdin/stdout -----------
@@ -183,12 +254,24 @@ class ServerUnderTest:
         return count
 
 
-async def run_server(pools: int, endpoints: int) -> NoReturn:
-    under_test = ServerUnderTest(pools, endpoints)
-    gate = Admission(BENCH_LIMITS).gate
-    services = DiscoveryServices(under_test.cache, under_test.registry, gate)
-    _server, port = await start_grpc_server(services.handlers(), "127.0.0.1", 0)  # keep a ref
+async def start_ours(
+    under_test: ServerUnderTest, tls_dir: Path | None, limits: ClientLimits
+) -> tuple[grpc.aio.Server, Admission]:
+    """Our services on 127.0.0.1 as `serve` starts them: with TLS, mTLS from the files and
+    peers keyed by certificate identity."""
+    tls = None if tls_dir is None else ServerTls(Pki(tls_dir).server_files())
+    admission = Admission(limits, mutual=tls is not None)
+    services = DiscoveryServices(under_test.cache, under_test.registry, admission.gate)
+    server, port = await start_grpc_server(
+        services.handlers(), "127.0.0.1", 0, tls, limits.grpc_options()
+    )
     print(json.dumps({"port": port}), flush=True)
+    return server, admission
+
+
+async def run_server(pools: int, endpoints: int, tls_dir: Path | None) -> NoReturn:
+    under_test = ServerUnderTest(pools, endpoints)
+    _server, _admission = await start_ours(under_test, tls_dir, BENCH_LIMITS)  # keep a ref
     await command_loop(under_test.handle)
     exit_without_goaway()
 
@@ -249,11 +332,14 @@ class RawFanout:
         return {"at": at}
 
 
-async def run_raw(capture_dir: Path) -> NoReturn:
+async def run_raw(capture_dir: Path, tls_dir: Path | None) -> NoReturn:
     raw = RawFanout({name: (capture_dir / f"{name}.bin").read_bytes() for name in CAPTURED})
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers([raw.handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls_dir is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", Pki(tls_dir).raw_credentials())
     await server.start()
     print(json.dumps({"port": port}), flush=True)
     await command_loop(raw.handle)
@@ -268,10 +354,11 @@ class ServerProcess:
         self.port = port
 
     @classmethod
-    async def start(cls, role: str, *extra: str) -> ServerProcess:
+    async def start(cls, role: str, *extra: str, script: str = SCRIPT) -> ServerProcess:
+        """Start ``script --role role *extra``; it prints ``{"port": ...}`` once listening."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            SCRIPT,
+            script,
             "--role",
             role,
             *extra,
@@ -283,10 +370,10 @@ class ServerProcess:
             raise RuntimeError(f"{role} server exited before listening")
         return cls(proc, json.loads(line)["port"])
 
-    async def command(self, command: str) -> dict[str, Any]:
+    async def command(self, command: str, timeout: float = 30) -> dict[str, Any]:
         self.proc.stdin.write(f"{command}\n".encode())  # type: ignore[union-attr]
         await self.proc.stdin.drain()  # type: ignore[union-attr]
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)  # type: ignore[union-attr]
         if not line:
             raise RuntimeError(f"server exited on {command!r}")
         return json.loads(line)
@@ -342,6 +429,7 @@ class AdsCall:
         )()
         self.node_id = node_id
         self.eds_names = eds_names
+        self.cds_at = 0.0  # when the CDS response arrived
 
     async def subscribe(self) -> bytes:
         """Ask for all clusters, ACK them, then ask for the endpoints of each; returns the CDS."""
@@ -349,6 +437,7 @@ class AdsCall:
         first.node.id, first.node.cluster = self.node_id, "bench"
         await self.call.write(first.SerializeToString())
         payload, cds = await self.read(typeurls.CLUSTER)
+        self.cds_at = time.monotonic()
         await self.call.write(self.reply(cds, b""))
         eds = discovery_pb2.DiscoveryRequest(type_url=typeurls.ENDPOINT)
         await self.call.write(self.eds_names + eds.SerializeToString())
@@ -398,8 +487,11 @@ class Arrivals:
 class AdsClients:
     """N ADS streams spread over one connection per STREAMS_PER_CHANNEL streams."""
 
-    def __init__(self, port: int, count: int, pools: int) -> None:
-        self.target = f"127.0.0.1:{port}"
+    def __init__(
+        self, port: int, count: int, pools: int, credentials: grpc.ChannelCredentials | None
+    ) -> None:
+        self.port = port
+        self.credentials = credentials
         self.count = count
         self.eds_names = eds_names_chunk(pools)
         self.channels: list[grpc.aio.Channel] = []
@@ -409,9 +501,7 @@ class AdsClients:
     async def connect(self) -> None:
         """Open the connections first, so the initial sync measures xDS, not TCP."""
         for _ in range(-(-self.count // STREAMS_PER_CHANNEL)):
-            # A local subchannel pool: otherwise channels to one target share one connection.
-            options = [("grpc.use_local_subchannel_pool", 1)]
-            self.channels.append(grpc.aio.insecure_channel(self.target, options=options))
+            self.channels.append(client_channel(self.port, self.credentials))
         await asyncio.wait_for(
             asyncio.gather(*(c.channel_ready() for c in self.channels)), PHASE_TIMEOUT
         )
@@ -504,15 +594,22 @@ class Subject:
     so load from anything else on the machine falls on both alike.
     """
 
-    def __init__(self, server: ServerProcess, clients: int, pools: int) -> None:
+    def __init__(
+        self,
+        server: ServerProcess,
+        clients: int,
+        pools: int,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.server = server
-        self.fleet = AdsClients(server.port, clients, pools)
+        self.fleet = AdsClients(server.port, clients, pools, credentials)
         self.summary: dict[str, Any] = {}
         self.runs: dict[str, list[dict[str, float]]] = {edit: [] for edit in EDITS}
 
     async def sync(self) -> None:
         """Initial sync of every client, and the server's memory before and after it."""
         idle = await self.server.command("stats")
+        connecting = time.monotonic()
         await self.fleet.connect()
         start, cpu = time.monotonic(), time.process_time()
         arrivals = self.fleet.start()
@@ -525,6 +622,7 @@ class Subject:
                 "last_ms": ms(max(arrivals.times) - start),
                 "server_cpu_ms": ms(loaded["cpu"] - idle["cpu"]),
                 "client_cpu_share": cpu / wall,
+                "connect_ms": ms(start - connecting),
             },
             "rss_idle_bytes": idle["rss"],
             "rss_per_stream_bytes": (loaded["rss"] - idle["rss"]) / self.fleet.count,
@@ -560,24 +658,37 @@ class Subject:
 
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Capture our server's bytes, then measure it and the raw server side by side."""
+    """Capture our server's bytes, then measure it and the raw server side by side (with
+    ``--tls`` both again over mTLS, all four connected at once, their edits alternating)."""
     out: dict[str, Any] = {
         "clients": args.clients,
         "pools": args.pools,
         "endpoints": args.endpoints,
         "repeat": args.repeat,
+        "tls": args.tls,
         "loadavg_before": os.getloadavg()[0],
     }
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fanout-")))
         sizes = ("--pools", str(args.pools), "--endpoints", str(args.endpoints))
-        ours = await ServerProcess.start("server", *sizes)
-        stack.push_async_callback(ours.stop)
+
+        async def start(role: str, *extra: str) -> ServerProcess:
+            server = await ServerProcess.start(role, *extra)
+            stack.push_async_callback(server.stop)
+            return server
+
+        ours = await start("server", *sizes)
         out["captured_bytes"] = await capture(ours, args.pools, tmp)
-        raw = await ServerProcess.start("raw", "--capture", str(tmp))
-        stack.push_async_callback(raw.stop)
+        raw = await start("raw", "--capture", str(tmp))
         subjects = {"ours": Subject(ours, args.clients, args.pools)}
         subjects["raw"] = Subject(raw, args.clients, args.pools)
+        if args.tls:
+            pki = Pki.make(tmp / "pki")
+            tls, credentials = ("--tls-dir", str(pki.directory)), pki.client_credentials()
+            ours_tls = await start("server", *sizes, *tls)
+            raw_tls = await start("raw", "--capture", str(tmp), *tls)
+            subjects["ours-tls"] = Subject(ours_tls, args.clients, args.pools, credentials)
+            subjects["raw-tls"] = Subject(raw_tls, args.clients, args.pools, credentials)
         for subject in subjects.values():
             stack.push_async_callback(subject.fleet.close)
             await subject.sync()
@@ -588,6 +699,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         out.update({name: subject.result() for name, subject in subjects.items()})
     out["loadavg_after"] = os.getloadavg()[0]
     out["targets"] = targets(out["ours"], out["raw"])
+    if args.tls:
+        out["tls_ratios"] = tls_ratios(out)
+        out["targets"] += tls_targets(out["tls_ratios"])
     return out
 
 
@@ -601,8 +715,9 @@ def targets(ours: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append(
             {
                 "target": f"{edit} first->last <= {TARGET_SPREAD_RATIO:g}x raw",
-                "value_ms": spread,
-                "limit_ms": limit,
+                "value": spread,
+                "limit": limit,
+                "unit": "ms",
                 "pass": spread <= limit,
             }
         )
@@ -610,64 +725,147 @@ def targets(ours: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append(
             {
                 "target": f"{edit} edit->first < {TARGET_EDIT_TO_FIRST_MS:g} ms",
-                "value_ms": first,
-                "limit_ms": TARGET_EDIT_TO_FIRST_MS,
+                "value": first,
+                "limit": TARGET_EDIT_TO_FIRST_MS,
+                "unit": "ms",
                 "pass": first < TARGET_EDIT_TO_FIRST_MS,
             }
         )
     return checks
 
 
+#: (phase, figure, label) compared TLS against plaintext; TLS_TARGETED are held to 1.3x.
+TLS_FIGURES = (
+    ("initial", "connect_ms", "connect (all channels ready)"),
+    ("initial", "first_ms", "initial sync, first client"),
+    ("initial", "last_ms", "initial sync, all clients"),
+    ("initial", "server_cpu_ms", "initial sync, server CPU"),
+    *(
+        (edit, key, f"{edit}: {label}")
+        for edit in EDITS
+        for key, label in (
+            ("edit_to_first_ms", "edit -> first client"),
+            ("first_to_last_ms", "first -> last client"),
+            ("edit_to_last_ms", "edit -> last client"),
+            ("server_cpu_ms", "server CPU incl. ACKs"),
+        )
+    ),
+)
+TLS_TARGETED = (
+    ("initial", "last_ms"),
+    *((edit, "first_to_last_ms") for edit in EDITS),
+)
+
+
+def tls_ratios(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """TLS over plaintext for each figure, ours and raw, and ours' ratio over raw's: above 1
+    when TLS costs us more (relatively) than it costs bare grpc.aio."""
+    rows = []
+    for phase, key, label in TLS_FIGURES:
+        ours = _ratio(out["ours-tls"][phase][key], out["ours"][phase][key])
+        raw = _ratio(out["raw-tls"][phase][key], out["raw"][phase][key])
+        rows.append(
+            {
+                "phase": phase,
+                "figure": key,
+                "label": label,
+                "ours": ours,
+                "raw": raw,
+                "ours_over_raw": _ratio(ours, raw),
+            }
+        )
+    return rows
+
+
+def tls_targets(ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "target": f"{row['label']}: TLS <= {TARGET_TLS_RATIO:g}x plaintext (ours)",
+            "value": row["ours"],
+            "limit": TARGET_TLS_RATIO,
+            "unit": "x",
+            "pass": row["ours"] <= TARGET_TLS_RATIO,
+        }
+        for row in ratios
+        if (row["phase"], row["figure"]) in TLS_TARGETED
+    ]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def report(out: dict[str, Any]) -> str:
-    ours, raw = out["ours"], out["raw"]
-    rows: list[tuple[str, float, float]] = [
-        ("initial sync, first client (ms)", *_pair(ours, raw, "initial", "first_ms")),
-        ("initial sync, all clients (ms)", *_pair(ours, raw, "initial", "last_ms")),
-        ("initial sync, server CPU (ms)", *_pair(ours, raw, "initial", "server_cpu_ms")),
-        ("initial sync, client CPU share", *_pair(ours, raw, "initial", "client_cpu_share")),
-    ]
-    for edit in EDITS:
-        rows += [
-            (f"{edit}: bytes per client", *_pair(ours, raw, edit, "bytes_per_client")),
-            (f"{edit}: edit -> first client (ms)", *_pair(ours, raw, edit, "edit_to_first_ms")),
-            (f"{edit}: first -> last client (ms)", *_pair(ours, raw, edit, "first_to_last_ms")),
-            (f"{edit}: edit -> last client (ms)", *_pair(ours, raw, edit, "edit_to_last_ms")),
-            (f"{edit}: server CPU incl. ACKs (ms)", *_pair(ours, raw, edit, "server_cpu_ms")),
-            (f"{edit}: client CPU share", *_pair(ours, raw, edit, "client_cpu_share")),
-        ]
-    rows += [
-        (
-            "server RSS before streams (MiB)",
-            ours["rss_idle_bytes"] / MIB,
-            raw["rss_idle_bytes"] / MIB,
-        ),
-        (
-            "server RSS per stream (KiB)",
-            ours["rss_per_stream_bytes"] / KIB,
-            raw["rss_per_stream_bytes"] / KIB,
-        ),
-    ]
     lines = [
         f"fan-out: {out['clients']} ADS clients, {out['pools']} pools x {out['endpoints']} "
         f"endpoints, median of {out['repeat']} runs per edit; load average "
         f"{out['loadavg_before']:.2f} before, {out['loadavg_after']:.2f} after",
-        f"{'':40} {'ours':>10} {'raw':>10} {'ours/raw':>9}",
+        *_table(out, "ours", "raw"),
     ]
-    for label, mine, theirs in rows:
-        ratio = f"{mine / theirs:9.2f}" if theirs else f"{'-':>9}"
-        lines.append(f"{label:40} {mine:10.2f} {theirs:10.2f} {ratio}")
+    if out.get("tls"):
+        lines += [
+            "over mTLS (same run, same clients and edits):",
+            *_table(out, "ours-tls", "raw-tls"),
+        ]
+        lines.append(f"{'TLS / plaintext':40} {'ours':>10} {'raw':>10} {'ours/raw':>9}")
+        for row in out["tls_ratios"]:
+            lines.append(
+                f"{row['label']:40} {row['ours']:10.2f} {row['raw']:10.2f} "
+                f"{row['ours_over_raw']:9.2f}"
+            )
+    names = TLS_SUBJECTS if out.get("tls") else ("ours", "raw")
     for edit in EDITS:
-        for name, side in (("ours", ours), ("raw", raw)):
-            spreads = " ".join(f"{run['first_to_last_ms']:.0f}" for run in side["runs"][edit])
+        for name in names:
+            runs = out[name]["runs"][edit]
+            spreads = " ".join(f"{run['first_to_last_ms']:.0f}" for run in runs)
             lines.append(f"{edit} first -> last per run, {name} (ms): {spreads}")
     lines.append("targets:")
     for check in out["targets"]:
         verdict = "PASS" if check["pass"] else "FAIL"
+        unit = f" {check['unit']}" if check["unit"] == "ms" else check["unit"]
         lines.append(
-            f"  {verdict}  {check['target']}: {check['value_ms']:.1f} ms "
-            f"(limit {check['limit_ms']:.1f} ms)"
+            f"  {verdict}  {check['target']}: {check['value']:.2f}{unit} "
+            f"(limit {check['limit']:.2f}{unit})"
         )
     return "\n".join(lines)
+
+
+def _table(out: dict[str, Any], a: str, b: str) -> list[str]:
+    """One server against another (ours against raw), figure by figure."""
+    first, second = out[a], out[b]
+    rows: list[tuple[str, float, float]] = [
+        ("connect, all channels ready (ms)", *_pair(first, second, "initial", "connect_ms")),
+        ("initial sync, first client (ms)", *_pair(first, second, "initial", "first_ms")),
+        ("initial sync, all clients (ms)", *_pair(first, second, "initial", "last_ms")),
+        ("initial sync, server CPU (ms)", *_pair(first, second, "initial", "server_cpu_ms")),
+        ("initial sync, client CPU share", *_pair(first, second, "initial", "client_cpu_share")),
+    ]
+    for edit in EDITS:
+        rows += [
+            (f"{edit}: bytes per client", *_pair(first, second, edit, "bytes_per_client")),
+            (f"{edit}: edit -> first client (ms)", *_pair(first, second, edit, "edit_to_first_ms")),
+            (f"{edit}: first -> last client (ms)", *_pair(first, second, edit, "first_to_last_ms")),
+            (f"{edit}: edit -> last client (ms)", *_pair(first, second, edit, "edit_to_last_ms")),
+            (f"{edit}: server CPU incl. ACKs (ms)", *_pair(first, second, edit, "server_cpu_ms")),
+            (f"{edit}: client CPU share", *_pair(first, second, edit, "client_cpu_share")),
+        ]
+    rows += [
+        (
+            "server RSS before streams (MiB)",
+            first["rss_idle_bytes"] / MIB,
+            second["rss_idle_bytes"] / MIB,
+        ),
+        (
+            "server RSS per stream (KiB)",
+            first["rss_per_stream_bytes"] / KIB,
+            second["rss_per_stream_bytes"] / KIB,
+        ),
+    ]
+    lines = [f"{'':40} {a:>10} {b:>10} {f'{a}/{b}':>9}"]
+    for label, mine, theirs in rows:
+        ratio = f"{mine / theirs:9.2f}" if theirs else f"{'-':>9}"
+        lines.append(f"{label:40} {mine:10.2f} {theirs:10.2f} {ratio}")
+    return lines
 
 
 def _pair(ours: dict[str, Any], raw: dict[str, Any], phase: str, key: str) -> tuple[float, float]:
@@ -676,8 +874,8 @@ def _pair(ours: dict[str, Any], raw: dict[str, Any], phase: str, key: str) -> tu
 
 #: The copies of itself the benchmark starts: the control plane under test, and the raw baseline.
 ROLES: dict[str, cli.Role] = {
-    "server": lambda args: run_server(args.pools, args.endpoints),
-    "raw": lambda args: run_raw(args.capture),
+    "server": lambda args: run_server(args.pools, args.endpoints, args.tls_dir),
+    "raw": lambda args: run_raw(args.capture, args.tls_dir),
 }
 
 
@@ -687,7 +885,13 @@ def main() -> None:
     parser.add_argument("--pools", type=int, default=100, help="clusters (default 100)")
     parser.add_argument("--endpoints", type=int, default=20, help="per pool (default 20)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per edit (median)")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also measure both servers over mTLS in the same run, and the TLS/plaintext ratios",
+    )
     parser.add_argument("--capture", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not cli.played_role(args, ROLES):
         out = asyncio.run(run_bench(args))

@@ -297,3 +297,33 @@ async def test_half_written_certificate_keeps_the_last_good_one(pki: Pki, plane:
     pki.server.cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB")  # an editor mid-write
     assert await asyncio.to_thread(_served_serial, port, pki) == before
     assert plane.tls is not None and plane.tls.reload_failures == 1
+
+
+@pytest.mark.envoy
+async def test_body_routing_reaches_the_in_process_router_over_mtls(
+    tmp_path: Path, pki: Pki, upstream
+):
+    """With TLS on, the router's port speaks mTLS too; Envoy reaches it with the client
+    certificate of its bootstrap (body_router.tls_sds_dir names that SDS folder)."""
+    listener_port = free_port()
+    sds = tmp_path / "sds"
+    tls = pki.client_tls(pki.edge, sds)
+    path = snapshot(tmp_path / "s.yaml", upstream.port, listener_port)
+    document = yaml.safe_load(path.read_text())
+    document["listeners"][0]["routes"] = [{"model": "llama-3-8b", "pool": "llama"}]
+    document["body_router"] = {"tls_sds_dir": str(sds)}
+    path.write_text(yaml.safe_dump(document))
+    rig = PlaneWithEnvoy(
+        local_settings(path, tls=pki.files()), tmp_path, "envoy-edge", node_cluster="edge", tls=tls
+    )
+    async with rig, aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{listener_port}/v1/completions"
+        async with session.post(url, json={"model": "llama-3-8b", "prompt": "hi"}) as response:
+            assert response.status == 200, await response.text()
+        async with session.post(url, json={"model": "unknown", "prompt": "hi"}) as response:
+            assert response.status == 404  # the router answered: it was reached
+        # Plaintext to the router's port is refused.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rig.plane.router_port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.unary_unary("/x.Y/Z")(b"", timeout=2)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -145,6 +145,15 @@ class ControlPlane:
         self.store.set_known({p.name: [e.key for e in p.endpoints] for p in config.orca_pools})
         self.engine.configure(config.orca_pools)
         self.lrs.clusters_changed()
+        routed = [x.name for x in config.listeners if x.body_routing]
+        own_router = config.body_router.target(("", 0)) == ("", 0)
+        if self.tls is not None and routed and own_router and not config.body_router.tls_sds_dir:
+            log.warning(
+                "listeners %s route by body through this process's router, which speaks TLS "
+                "only: set body_router.tls_sds_dir to the SDS folder of the Envoys' bootstrap, "
+                "or run `xds-server body-router` beside each Envoy",
+                routed,
+            )
 
     async def start(self) -> None:
         """Raises SnapshotError when the initial file is invalid: there is no good config yet;

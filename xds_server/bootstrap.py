@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "grpc_bootstrap",
     "render_yaml",
     "sds_files",
+    "tls_transport_socket",
 ]
 
 XDS_CLUSTER = "xds_cluster"
@@ -49,6 +51,9 @@ class ClientTls:
 
     def sds_path(self, secret: str) -> Path:
         return self.sds_dir / f"{secret}.sds.json"
+
+    def transport_socket(self, host: str) -> dict[str, Any]:
+        return tls_transport_socket(self.sds_dir, self.cert.parent, host)
 
 
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -133,6 +138,13 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
+# Envoy reads YAML with yaml-cpp, for which y/n (any case) are booleans too: quote them, or
+# `--node-id n` prints `id: n` and Envoy refuses the bootstrap (node.id: string expected).
+_NoAliasDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN")
+)
+
+
 def render_yaml(bootstrap: dict[str, Any]) -> str:
     """The bootstrap as a YAML document, keys in construction order, with a provenance header."""
     body = yaml.dump(bootstrap, Dumper=_NoAliasDumper, sort_keys=False, width=1000)
@@ -161,25 +173,31 @@ def sds_files(tls: ClientTls) -> dict[Path, str]:
     }
 
 
-def _sds_config(tls: ClientTls, secret: str) -> dict[str, Any]:
+def _sds_config(sds_dir: Path, watched: Path, secret: str) -> dict[str, Any]:
     return {
         "name": secret,
         "sds_config": {
             "path_config_source": {
-                "path": str(tls.sds_path(secret)),
-                "watched_directory": {"path": str(tls.cert.parent)},
+                "path": str(sds_dir / f"{secret}.sds.json"),
+                "watched_directory": {"path": str(watched)},
             },
             "resource_api_version": "V3",
         },
     }
 
 
-def _tls_socket(tls: ClientTls, host: str) -> dict[str, Any]:
+def tls_transport_socket(sds_dir: Path, watched: Path, host: str) -> dict[str, Any]:
+    """An Envoy transport socket (proto3 JSON) for mTLS to xds-server's gRPC ports, with the
+    client certificate and server CA from the SDS files in `sds_dir` (see `sds_files`),
+    re-read when a file is moved into `watched`. The bootstrap's xDS cluster and the
+    generated body-router cluster both use it."""
     context: dict[str, Any] = {
         "@type": _UPSTREAM_TLS,
         "common_tls_context": {
-            "tls_certificate_sds_secret_configs": [_sds_config(tls, CLIENT_CERTIFICATE_SECRET)],
-            "validation_context_sds_secret_config": _sds_config(tls, SERVER_CA_SECRET),
+            "tls_certificate_sds_secret_configs": [
+                _sds_config(sds_dir, watched, CLIENT_CERTIFICATE_SECRET)
+            ],
+            "validation_context_sds_secret_config": _sds_config(sds_dir, watched, SERVER_CA_SECRET),
             # gRPC needs HTTP/2: ask for it in ALPN, as the server requires.
             "alpn_protocols": ["h2"],
         },
@@ -253,7 +271,7 @@ def _xds_cluster(host: str, port: int, tls: ClientTls | None = None) -> dict[str
         },
     }
     if tls is not None:
-        cluster["transport_socket"] = _tls_socket(tls, host)
+        cluster["transport_socket"] = tls.transport_socket(host)
     if not _is_ip(host):
         # A hostname (e.g. a Kubernetes Service) is re-resolved by DNS. Prefer IPv4 so that
         # `localhost` reaches a server bound to 127.0.0.1 even where it resolves to ::1 first.

@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: not served)",
     )
     _add_policy_argument(router)
+    add_tls_arguments(router, "the router's gRPC port")
     return parser
 
 
@@ -391,6 +392,7 @@ async def _until_signalled() -> None:
 async def _body_router(args: argparse.Namespace) -> int:
     from xds_server.config.types import SnapshotError
     from xds_server.router.standalone import StandaloneRouter
+    from xds_server.tls import TlsFilesError
 
     snapshot = args.snapshot or default_snapshot()
     router = StandaloneRouter(
@@ -399,9 +401,13 @@ async def _body_router(args: argparse.Namespace) -> int:
         args.port,
         args.metrics_port,
         allowed_policy_modules=tuple(args.allow_policy_module),
+        tls=tls_files(args),
     )
     try:
         await router.start()
+    except TlsFilesError as err:
+        print(f"xds-server: {err}", file=sys.stderr)
+        return 2
     except SnapshotError as err:
         print(f"xds-server: {router.source.path} is not valid:", file=sys.stderr)
         print("\n".join(f"  {problem}" for problem in err.problems), file=sys.stderr)

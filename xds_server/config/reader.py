@@ -70,7 +70,14 @@ _POOL_KEYS: Final = (
 _ROUTE_KEYS: Final = ("model", "prefix", "pool", "split", "timeout")
 _SPLIT_KEYS: Final = ("pool", "weight")
 _LISTENER_KEYS: Final = ("name", "port", "address", "body_routing", "routes")
-_BODY_ROUTER_KEYS: Final = ("address", "port", "timeout", "failure_mode", "max_body_bytes")
+_BODY_ROUTER_KEYS: Final = (
+    "address",
+    "port",
+    "timeout",
+    "failure_mode",
+    "max_body_bytes",
+    "tls_sds_dir",
+)
 _GROUP_KEYS: Final = ("name", "node_clusters", "listeners", "pools", "identities")
 _TOP_KEYS: Final = ("listeners", "pools", "node_groups", "body_router", "envoy")
 
@@ -280,7 +287,16 @@ def _read_body_router(r: Reader, top: dict[str, Any]) -> BodyRouterSettings:
         timeout=timeout or default.timeout,
         failure_mode=r.choice(m, "failure_mode", path, FAILURE_MODES) or default.failure_mode,
         max_body_bytes=max_body or default.max_body_bytes,
+        tls_sds_dir=_absolute_path(r, m, "tls_sds_dir", path),
     )
+
+
+def _absolute_path(r: Reader, m: dict[str, Any], key: str, path: str) -> str | None:
+    value = r.value(m, key, path, STRING, None)
+    if value is None or (value.startswith("/") and value.isprintable()):
+        return value
+    r.problem(join(path, key), f"expected an absolute path on the Envoy host, got {value!r}")
+    return None
 
 
 def _read_references(

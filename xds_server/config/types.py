@@ -168,6 +168,10 @@ class BodyRouterSettings:
     timeout: float = 1.0
     failure_mode: str = FAILURE_MODES[0]
     max_body_bytes: int = 4 * 1024 * 1024
+    #: With TLS on the router's port: the directory on the Envoy host holding the SDS files
+    #: `xds-server bootstrap --sds-dir` wrote; Envoy reaches the router with that client
+    #: certificate and CA. None: plaintext (a router beside Envoy on loopback).
+    tls_sds_dir: str | None = None
 
     def target(self, default: tuple[str, int]) -> tuple[str, int]:
         """The router's address, the file's where it names one, else `default`."""

@@ -9,6 +9,7 @@ new weights through the same path.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Final
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -34,15 +35,17 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3 import (
     client_side_weighted_round_robin_pb2 as cswrr_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from lrs.contract import ORCA_FORMAT_HEADER, ORCA_RESPONSE_HEADERS
 from lrs.weights.params import Params
 from lrs.weights.signals import PoolWeights
+from xds_server.bootstrap import tls_transport_socket
 from xds_server.config.types import (
     BODY_ROUTER_ADDRESS,
     BODY_ROUTER_PORT,
@@ -223,8 +226,11 @@ def _too_large_reply(max_body_bytes: int) -> hcm_pb2.LocalReplyConfig:
     return hcm_pb2.LocalReplyConfig(mappers=[mapper])
 
 
-def body_router_cluster(target: tuple[str, int]) -> cluster_pb2.Cluster:
-    """The router as a static gRPC (HTTP/2) cluster: it is one well-known address."""
+def body_router_cluster(
+    target: tuple[str, int], tls_sds_dir: str | None = None
+) -> cluster_pb2.Cluster:
+    """The router as a static gRPC (HTTP/2) cluster: it is one well-known address; over mTLS
+    with the Envoy host's SDS files in `tls_sds_dir` (the ones its bootstrap uses)."""
     address, port = target
     http2 = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
@@ -241,6 +247,14 @@ def body_router_cluster(target: tuple[str, int]) -> cluster_pb2.Cluster:
         endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(address, port))
     )
     result.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_pack(http2))
+    if tls_sds_dir is not None:
+        folder = Path(tls_sds_dir)
+        socket = tls_transport_socket(folder, folder, address)
+        context = {k: v for k, v in socket["typed_config"].items() if k != "@type"}
+        result.transport_socket.name = socket["name"]
+        result.transport_socket.typed_config.CopyFrom(
+            _pack(json_format.ParseDict(context, tls_pb2.UpstreamTlsContext()))
+        )
     return result
 
 
@@ -411,7 +425,9 @@ def build_group_resources(
         out[typeurls.ROUTE][name] = route_configuration(spec, config)
         if spec.body_routing:
             target = config.body_router.target(body_router)
-            out[typeurls.CLUSTER][BODY_ROUTER_CLUSTER] = body_router_cluster(target)
+            out[typeurls.CLUSTER][BODY_ROUTER_CLUSTER] = body_router_cluster(
+                target, config.body_router.tls_sds_dir
+            )
     for name in group.pools:
         pool = config.pool(name)
         out[typeurls.CLUSTER][name] = cluster(pool)

@@ -14,6 +14,7 @@ from xds_server.config.file_source import FileSource
 from xds_server.config.types import Config
 from xds_server.grpc_server import start_grpc_server
 from xds_server.router.ext_proc import BodyRouter
+from xds_server.tls import ServerTls, TlsFiles
 
 __all__ = ["StandaloneRouter"]
 
@@ -36,7 +37,9 @@ class StandaloneRouter:
         metrics_port: int | None = None,
         watch_interval: float = 0.2,
         allowed_policy_modules: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
+        """`tls`: serve TLS only (mTLS with a client CA), files re-read on change."""
         self.router = BodyRouter()
         # Reloading goes the control plane's way (same validation, same watcher).
         self.source = FileSource(
@@ -46,6 +49,7 @@ class StandaloneRouter:
         self.port = port
         self.metrics_port = metrics_port
         self.watch_interval = watch_interval
+        self.tls = tls
         self._server: grpc.aio.Server | None = None
         self._metrics: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -54,10 +58,12 @@ class StandaloneRouter:
         self.router.update(config)
 
     async def start(self) -> None:
-        """Raises SnapshotError for an invalid file and OSError when a port is taken."""
+        """Raises SnapshotError for an invalid file, TlsFilesError for unusable TLS files and
+        OSError when a port is taken."""
+        tls = ServerTls(self.tls) if self.tls is not None else None
         await self.source.load(strict=True)
         self._server, self.port = await start_grpc_server(
-            self.router.handlers(), self.host, self.port
+            self.router.handlers(), self.host, self.port, tls
         )
         if self.metrics_port is not None:
             await self._serve_metrics(self.metrics_port)
