@@ -391,6 +391,17 @@ class LoadReportingService:
             if stream.reporter:
                 self._ask(stream)
 
+    def stream_ids(self) -> list[int]:
+        """The open streams, for a host that ends them (a replica shutting down)."""
+        return list(self._streams)
+
+    def end_stream(self, stream_id: int, message: str) -> None:
+        """Close a stream with UNAVAILABLE: Envoy reconnects (to another replica)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.failure:
+            stream.failure, stream.failure_code = message, grpc.StatusCode.UNAVAILABLE
+            stream.outbox.put_nowait(None)
+
     def _ask(self, stream: _Stream) -> None:
         stream.asked_at = time.monotonic()
         stream.asked_intervals = (stream.asked_intervals[1], self.reporting_interval)

@@ -104,6 +104,8 @@ class Admission:
     def __init__(self, limits: ClientLimits | None = None, mutual: bool = False) -> None:
         self.limits = limits or ClientLimits()
         self.mutual = mutual
+        #: Set when the replica shuts down: new streams are sent to another replica.
+        self.closed = False
         self.open: Counter[str] = Counter()
         self.refused: Counter[tuple[str, str]] = Counter()  # (service, reason) -> count
         self.admitted = 0
@@ -185,6 +187,12 @@ class Admission:
     @asynccontextmanager
     async def gate(self, service: str, context: grpc.aio.ServicerContext) -> AsyncIterator[Peer]:
         """Admit a call or end it with RESOURCE_EXHAUSTED; yields who the client is."""
+        if self.closed:
+            self.refused[(service, "shutting_down")] += 1
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "this control plane is shutting down; reconnect to another replica",
+            )
         identities = peer_identities(context) if self.mutual else None
         address = peer_address(context.peer())
         key = identities[0] if identities else address

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -32,6 +34,7 @@ from xds_server.tls import ServerTls, TlsFiles, identity_allowed
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.services import DiscoveryServices
+from xds_server.xds.stream import Stream
 
 __all__ = ["ControlPlane", "Settings"]
 
@@ -64,6 +67,9 @@ class Settings:
     #: certificates required, node groups bound to their identities.
     tls: TlsFiles | None = None
     limits: ClientLimits = field(default_factory=ClientLimits)  # per-client limits
+    #: On SIGTERM, open streams are closed spread over this many seconds (with jitter) so
+    #: their Envoys reconnect to other replicas gradually, not all at once.
+    drain_period: float = 10.0
 
 
 class ControlPlane:
@@ -96,6 +102,7 @@ class ControlPlane:
         self.store = LoadStore(window=max(5.0, 4 * settings.lrs_interval))
         #: Read at start(); until then (and without --tls-*) the ports are plaintext.
         self.tls: ServerTls | None = None
+        self.shutting_down = False
         self.admission = Admission(settings.limits, mutual=settings.tls is not None)
         self.lrs = LoadReportingService(
             self.store,
@@ -197,6 +204,7 @@ class ControlPlane:
             self.settings.admin_debounce,
             read_token=read_token,
             allowed_hosts=hosts,
+            ready=lambda: self.ready,
         )
         self._admin, self.admin_port = await start_admin(
             await self._admin_api.app(),
@@ -232,6 +240,36 @@ class ControlPlane:
         status page and /metrics; `reports_received` counts LRS reports for /metrics."""
         self.fleet.loads = loads
         self.metrics.load.reports_received = reports_received
+
+    @property
+    def ready(self) -> bool:
+        """What /readyz says: the first config is published and no shutdown has begun."""
+        return self.publisher.config is not None and not self.shutting_down
+
+    async def shutdown(self, drain_period: float | None = None) -> None:
+        """Leave gracefully: unready at once, no new streams, the open ones closed one by
+        one at random moments over the drain period (UNAVAILABLE: their Envoys reconnect,
+        to other replicas), then stop."""
+        period = self.settings.drain_period if drain_period is None else drain_period
+        self.shutting_down = True
+        self.admission.closed = True
+        message = "this control plane is shutting down; reconnect to another replica"
+        enders: list[Callable[[], None]] = [
+            partial(stream.end, message)
+            for stream in self.cache.subscribers
+            if isinstance(stream, Stream)
+        ]
+        enders += [partial(self.lrs.end_stream, i, message) for i in self.lrs.stream_ids()]
+        log.info("shutting down: closing %d streams over %.1f s", len(enders), period)
+        started = asyncio.get_running_loop().time()
+        for at, end in sorted(
+            ((random.uniform(0, period), end) for end in enders), key=lambda pair: pair[0]
+        ):
+            delay = started + at - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            end()
+        await self.stop()
 
     async def stop(self, grace: float = 1.0) -> None:
         for task in (self._watcher, self._engine_task):

@@ -95,6 +95,16 @@ def _allowed_host(value: str) -> str:
     return value
 
 
+def _non_negative_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 3600, got {value!r}")
+    return number
+
+
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser with --version and --log-level (xds-server's, and xds-lab's)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -184,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1.0,
         help="seconds between an Envoy's load reports (default 1)",
+    )
+    serve.add_argument(
+        "--drain-period",
+        type=_non_negative_seconds,
+        default=10.0,
+        help="on SIGTERM/SIGINT: seconds over which open streams are closed one by one, so "
+        "Envoys reconnect to other replicas gradually (default 10; a second signal stops at "
+        "once)",
     )
     serve.add_argument(
         "--lrs-cpu-budget",
@@ -343,6 +361,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from xds_server.app import ControlPlane, Settings
     from xds_server.config.state_file import StateFileError
     from xds_server.config.types import SnapshotError
+    from xds_server.tls import TlsFilesError
 
     settings = Settings(
         snapshot=args.snapshot or default_snapshot(),
@@ -362,11 +381,12 @@ async def _serve(args: argparse.Namespace) -> int:
         tls=tls_files(args),
         limits=client_limits(args),
         allowed_policy_modules=tuple(args.allow_policy_module),
+        drain_period=args.drain_period,
     )
     plane = ControlPlane(settings)
     try:
         await plane.start()
-    except (SnapshotError, OSError, StateFileError, TokenError, TlsError) as err:
+    except (SnapshotError, OSError, StateFileError, TokenError, TlsError, TlsFilesError) as err:
         await plane.stop(0)  # whatever started before the failure
         if isinstance(err, SnapshotError):
             print(f"xds-server: {settings.snapshot} is not valid, not serving:", file=sys.stderr)
@@ -375,18 +395,27 @@ async def _serve(args: argparse.Namespace) -> int:
         else:
             print(f"xds-server: {err}", file=sys.stderr)
         return 2
-    await _until_signalled()
-    await plane.stop()
+    signals = await _until_signalled()
+    draining = asyncio.create_task(plane.shutdown())
+    again = asyncio.create_task(signals.wait())
+    await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
+    if not draining.done():  # a second signal: stop now
+        draining.cancel()
+        await plane.stop(0)
+    again.cancel()
     return 0
 
 
-async def _until_signalled() -> None:
+async def _until_signalled() -> asyncio.Event:
+    """Wait for SIGINT/SIGTERM; returns an event set again by the next one."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    stop.clear()
     logging.getLogger(__name__).info("shutting down")
+    return stop
 
 
 async def _body_router(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ routes, and a test holds the two to each other.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
@@ -47,15 +48,17 @@ class AdminApi:
         *,
         read_token: str | None = None,
         allowed_hosts: frozenset[str] | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         """`read_token`: reads need it (or `token`) too; `allowed_hosts`: the Host names
-        answered (None: any; see hosts.allowed_hosts for the defaults)."""
+        answered (None: any; see hosts.allowed_hosts for the defaults); `ready`: what
+        /readyz answers."""
         self.metrics = metrics
         self.token = token
         self.read_token = read_token
         self.allowed_hosts = allowed_hosts
         self.document = openapi_document(read_auth=read_token is not None)
-        self.views = ReadViews(cache, clients, fleet, token is not None)
+        self.views = ReadViews(cache, clients, fleet, token is not None, ready)
         self.editor = OverlayEditor(fleet.overlay, fleet.source, debounce)
         self.edits = EditRoutes(self.editor, fleet)
 
@@ -79,6 +82,7 @@ class AdminApi:
                 web.get("/", page.index, allow_head=False),
                 web.get("/status.js", page.script, allow_head=False),
                 web.get("/healthz", views.healthz, allow_head=False),
+                web.get("/readyz", views.readyz, allow_head=False),
                 web.get("/metrics", self._metrics, allow_head=False),
                 web.get("/openapi.json", self._openapi, allow_head=False),
                 web.get("/api/v1/snapshot", views.snapshot, allow_head=False),

@@ -93,6 +93,16 @@ DOCUMENT: Final[dict[str, Any]] = {
                 },
             }
         },
+        "/readyz": {
+            "get": {
+                "summary": "readiness: 200 once the first config is served, 503 before and "
+                "while shutting down",
+                "responses": {
+                    "200": {"description": "ready", "content": {"application/json": {}}},
+                    "503": {"description": "not ready", "content": {"application/json": {}}},
+                },
+            }
+        },
         "/healthz": _get("liveness, connected clients, the last snapshot file load", _json("ok")),
         "/metrics": {
             "get": {
@@ -215,7 +225,7 @@ def openapi_document(read_auth: bool) -> dict[str, Any]:
     document = copy.deepcopy(DOCUMENT)
     document["info"]["description"] += (
         " This server also needs a token to read: the read token or the admin token; "
-        "/healthz stays open for probes."
+        "/healthz and /readyz stay open for probes."
     )
     document["components"]["securitySchemes"]["read"] = {
         "type": "http",

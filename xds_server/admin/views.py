@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -79,8 +79,14 @@ class ReadViews:
     """Handlers of the GET routes over the live state."""
 
     def __init__(
-        self, cache: ResourceCache, clients: ClientRegistry, fleet: FleetView, mutations: bool
+        self,
+        cache: ResourceCache,
+        clients: ClientRegistry,
+        fleet: FleetView,
+        mutations: bool,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
+        self.ready = ready
         self.cache = cache
         self.clients = clients
         self.fleet = fleet
@@ -99,6 +105,12 @@ class ReadViews:
             if last is None
             else {"at": last.at, "ok": last.ok, "problems": last.problems},
         }
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """200 once the first config is served and until shutdown begins; else 503, so a
+        load balancer sends Envoys only to replicas that can serve them."""
+        ready = self.ready()
+        return json_response({"ready": ready}, status=200 if ready else 503)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return json_response(

@@ -176,6 +176,11 @@ class ResourceCache:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def subscribers(self) -> list[Subscriber]:
+        """The streams subscribed now (a copy)."""
+        return list(self._subscribers)
+
     def _changed(self) -> None:
         self.generation += 1
         self.updated_at = time.monotonic()

@@ -99,11 +99,17 @@ class Stream(Subscriber, Generic[State, Request]):
         self.fixed_type = fixed_type
         self.client: Client = registry.open(self.protocol, service, peer, identities)
         self.wakeup = asyncio.Event()
+        self.ending = ""  # set by end(): the serve loop closes the stream with it
         self.states: dict[str, State] = {}  # type URL -> the protocol's per-type state
         self._registry = registry
         self._warned_types: set[str] = set()
 
     def notify(self) -> None:
+        self.wakeup.set()
+
+    def end(self, message: str) -> None:
+        """Close the stream with UNAVAILABLE (the client reconnects, to another replica)."""
+        self.ending = message
         self.wakeup.set()
 
     def refuse(self, error: ProtocolError) -> None:
@@ -238,6 +244,9 @@ async def serve(
             if failure:
                 stream.refuse(failure[0])
                 await context.abort(failure[0].code, str(failure[0]))
+                return
+            if stream.ending:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, stream.ending)
                 return
             while pending:  # hold no reference to written bytes while idle (memory per stream)
                 await context.write(pending.pop(0))
