@@ -89,11 +89,12 @@ def envoy_bootstrap(
     envoy_admin_address: str = "127.0.0.1",
     lrs: bool = True,
     tls: ClientTls | None = None,
+    xds_addresses: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap: ADS (SotW or Delta) and LRS to xds-server at xds_host:xds_port.
 
     `tls`: reach xds-server over mTLS with file-based SDS secrets (write them with
-    `sds_files`).
+    `sds_files`). `xds_addresses`: several replicas (instead of xds_host:xds_port).
 
     `node_cluster` selects the node group whose config the server hands this Envoy.
     `lrs=False` leaves out load reporting, for servers without an LRS service: Envoy would
@@ -116,7 +117,9 @@ def envoy_bootstrap(
             "lds_config": ads_source,
             "cds_config": ads_source,
         },
-        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port, tls)]},
+        "static_resources": {
+            "clusters": [_xds_cluster(xds_addresses or [(xds_host, xds_port)], tls)]
+        },
         "overload_manager": _CONNECTION_LIMIT,
     }
     if lrs:
@@ -248,14 +251,20 @@ def _uri_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _xds_cluster(host: str, port: int, tls: ClientTls | None = None) -> dict[str, Any]:
-    """The one static cluster: the control plane, spoken to over HTTP/2 (gRPC).
+def _xds_cluster(
+    addresses: Sequence[tuple[str, int]], tls: ClientTls | None = None
+) -> dict[str, Any]:
+    """The one static cluster: the control plane (every replica), spoken to over HTTP/2.
 
-    Without explicit HTTP/2 Envoy speaks HTTP/1.1 to it and the ADS stream fails.
+    Without explicit HTTP/2 Envoy speaks HTTP/1.1 to it and the ADS stream fails. With
+    several replicas, a stream that breaks (a replica that died or drains) is reopened
+    to another address of the cluster; a DNS name is re-resolved (all its addresses).
     """
+    host = addresses[0][0]
+    names = not all(_is_ip(h) for h, _ in addresses)
     cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": "STRICT_DNS" if names else "STATIC",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             _HTTP_OPTIONS: {
@@ -266,13 +275,17 @@ def _xds_cluster(host: str, port: int, tls: ClientTls | None = None) -> dict[str
         "load_assignment": {
             "cluster_name": XDS_CLUSTER,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket_address(h, p)}} for h, p in addresses
+                    ]
+                }
             ],
         },
     }
     if tls is not None:
         cluster["transport_socket"] = tls.transport_socket(host)
-    if not _is_ip(host):
+    if names:
         # A hostname (e.g. a Kubernetes Service) is re-resolved by DNS. Prefer IPv4 so that
         # `localhost` reaches a server bound to 127.0.0.1 even where it resolves to ::1 first.
         cluster["dns_lookup_family"] = "V4_PREFERRED"

@@ -237,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--xds-address",
         type=host_port,
-        default=("127.0.0.1", 18000),
-        help="HOST:PORT of xds-server (default 127.0.0.1:18000)",
+        action="append",
+        default=[],
+        help="HOST:PORT of xds-server (default 127.0.0.1:18000); repeat it for several "
+        "replicas, or give one DNS name that resolves to all of them",
     )
     boot.add_argument("--delta", action="store_true", help="use Delta xDS instead of SotW")
     boot.add_argument(
@@ -332,9 +334,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             return 2
         ca, cert, key = (f.resolve() for f in files)
         tls = ClientTls(ca, cert, key, (args.sds_dir or cert.parent).resolve())
-    host, port = args.xds_address
+    addresses = args.xds_address or [("127.0.0.1", 18000)]
     if args.grpc:
-        document = grpc_bootstrap(args.node_id, args.cluster, [(host, port)], tls)
+        document = grpc_bootstrap(args.node_id, args.cluster, addresses, tls)
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return 0
     if tls is not None:
@@ -345,11 +347,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     bootstrap = envoy_bootstrap(
         node_id=args.node_id,
         node_cluster=args.cluster,
-        xds_host=host,
-        xds_port=port,
         delta=args.delta,
         envoy_admin_port=args.envoy_admin_port,
         tls=tls,
+        xds_addresses=addresses,
     )
     sys.stdout.write(render_yaml(bootstrap))
     return 0
