@@ -14,8 +14,16 @@ times are taken by the clients in this process, so the two are comparable. The
 raw server answers with bytes captured from our server, so both put the same
 payloads on the wire.
 
+With ``--tls`` the same run also measures both servers over mTLS (certificates
+made at run time by the lab's CA; ours with the product's `ServerTls` and peers
+keyed by certificate identity, raw with grpc's static credentials), with the same
+clients and edits, and prints TLS / plaintext for each figure, ours and raw. Target
+(issue 12): ours over mTLS within 1.3x of ours in plaintext, for the initial sync
+and for first -> last of each edit.
+
     .venv/bin/python bench/fanout.py                 # 1000 clients, ~15 s on 2 cores
     .venv/bin/python bench/fanout.py --clients 50    # ~2 s
+    .venv/bin/python bench/fanout.py --tls           # also over mTLS, ~25 s
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -176,8 +185,8 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def stats(ready: int) -> dict[str, Any]:
-    return {"ready": ready, "rss": rss_bytes(), "cpu": time.process_time()}
+def stats(ready: int, streams: int) -> dict[str, Any]:
+    return {"ready": ready, "streams": streams, "rss": rss_bytes(), "cpu": time.process_time()}
 
 
 async def command_loop(handle: Callable[[str], dict[str, Any]]) -> None:
@@ -226,7 +235,7 @@ class ServerUnderTest:
 
     def handle(self, command: str) -> dict[str, Any]:
         if command == "stats":
-            return stats(self.in_sync())
+            return stats(self.in_sync(), len(self.registry))
         self.edits += 1
         weight = self.edits + 1  # every edit is new content, so every client gets it
         if command == "edit-one":
@@ -324,7 +333,7 @@ class RawFanout:
 
     def handle(self, command: str) -> dict[str, Any]:
         if command == "stats":
-            return stats(len(self.streams))
+            return stats(len(self.streams), len(self.streams))
         payload = self.captured[command]
         at = time.monotonic()
         for queue in self.streams:
@@ -495,6 +504,7 @@ class AdsClients:
         self.count = count
         self.eds_names = eds_names_chunk(pools)
         self.channels: list[grpc.aio.Channel] = []
+        self.calls: list[AdsCall] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.arrivals = Arrivals(count)
 
@@ -512,8 +522,19 @@ class AdsClients:
         for i in range(self.count):
             channel = self.channels[i // STREAMS_PER_CHANNEL]
             call = AdsCall(channel, f"bench-{i}", self.eds_names)
+            self.calls.append(call)
             self.tasks.append(asyncio.create_task(self.run(call)))
         return arrivals
+
+    async def stop_streams(self) -> None:
+        """End every stream, keeping the connections (for another initial sync)."""
+        for call in self.calls:
+            call.call.cancel()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.calls.clear()
+        self.tasks.clear()
 
     async def run(self, call: AdsCall) -> None:
         """Subscribe, then take every EDS response as it comes: record its arrival, ACK it."""
@@ -542,10 +563,7 @@ class AdsClients:
             raise TimeoutError(f"{len(arrivals.times)}/{arrivals.expected} clients in time")
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks.clear()
+        await self.stop_streams()
         await asyncio.gather(*(c.close() for c in self.channels))
         self.channels.clear()
 
@@ -577,6 +595,16 @@ def ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
+async def wait_streams(server: ServerProcess, count: int) -> dict[str, Any]:
+    """Stats once the server holds exactly ``count`` streams (the ended ones are gone)."""
+    deadline = time.monotonic() + PHASE_TIMEOUT
+    while (answer := await server.command("stats"))["streams"] != count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{answer['streams']} streams open, waiting for {count}")
+        await asyncio.sleep(0.01)
+    return answer
+
+
 async def wait_ready(server: ServerProcess, count: int) -> dict[str, Any]:
     """Stats once ``count`` streams have ACKed: an edit sent before the ACK would wait for it."""
     deadline = time.monotonic() + PHASE_TIMEOUT
@@ -604,29 +632,40 @@ class Subject:
         self.server = server
         self.fleet = AdsClients(server.port, clients, pools, credentials)
         self.summary: dict[str, Any] = {}
-        self.runs: dict[str, list[dict[str, float]]] = {edit: [] for edit in EDITS}
+        self.connect_ms = math.nan
+        self.runs: dict[str, list[dict[str, float]]] = {phase: [] for phase in ("initial", *EDITS)}
 
     async def sync(self) -> None:
-        """Initial sync of every client, and the server's memory before and after it."""
-        idle = await self.server.command("stats")
-        connecting = time.monotonic()
-        await self.fleet.connect()
+        """Initial sync of every client: the first one opens the connections and measures
+        the server's memory before and after it; later ones end every stream first and
+        open them all again on the same connections."""
+        if self.fleet.channels:
+            await self.fleet.stop_streams()
+            await wait_streams(self.server, 0)
+        else:
+            idle = await self.server.command("stats")
+            connecting = time.monotonic()
+            await self.fleet.connect()
+            self.connect_ms = ms(time.monotonic() - connecting)
+        before = await self.server.command("stats")
         start, cpu = time.monotonic(), time.process_time()
         arrivals = self.fleet.start()
         await self.fleet.wait(arrivals)
         cpu, wall = time.process_time() - cpu, time.monotonic() - start
         loaded = await wait_ready(self.server, self.fleet.count)
-        self.summary = {
-            "initial": {
+        self.runs["initial"].append(
+            {
                 "first_ms": ms(min(arrivals.times) - start),
                 "last_ms": ms(max(arrivals.times) - start),
-                "server_cpu_ms": ms(loaded["cpu"] - idle["cpu"]),
+                "server_cpu_ms": ms(loaded["cpu"] - before["cpu"]),
                 "client_cpu_share": cpu / wall,
-                "connect_ms": ms(start - connecting),
-            },
-            "rss_idle_bytes": idle["rss"],
-            "rss_per_stream_bytes": (loaded["rss"] - idle["rss"]) / self.fleet.count,
-        }
+            }
+        )
+        if not self.summary:
+            self.summary = {
+                "rss_idle_bytes": idle["rss"],
+                "rss_per_stream_bytes": (loaded["rss"] - idle["rss"]) / self.fleet.count,
+            }
 
     async def edit(self, edit: str) -> None:
         """One edit, timed from the server's clock reading to each client's arrival."""
@@ -654,6 +693,7 @@ class Subject:
             edit: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             for edit, runs in self.runs.items()
         }
+        medians["initial"]["connect_ms"] = self.connect_ms
         return {**self.summary, **medians, "runs": self.runs}
 
 
@@ -692,6 +732,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         for subject in subjects.values():
             stack.push_async_callback(subject.fleet.close)
             await subject.sync()
+        for _ in range(args.repeat - 1):
+            for subject in subjects.values():
+                await subject.sync()
         for edit in EDITS:
             for _ in range(args.repeat):
                 for subject in subjects.values():
@@ -798,7 +841,7 @@ def _ratio(a: float, b: float) -> float:
 def report(out: dict[str, Any]) -> str:
     lines = [
         f"fan-out: {out['clients']} ADS clients, {out['pools']} pools x {out['endpoints']} "
-        f"endpoints, median of {out['repeat']} runs per edit; load average "
+        f"endpoints, median of {out['repeat']} runs per edit and of initial syncs; load "
         f"{out['loadavg_before']:.2f} before, {out['loadavg_after']:.2f} after",
         *_table(out, "ours", "raw"),
     ]
@@ -814,6 +857,9 @@ def report(out: dict[str, Any]) -> str:
                 f"{row['ours_over_raw']:9.2f}"
             )
     names = TLS_SUBJECTS if out.get("tls") else ("ours", "raw")
+    for name in names:
+        lasts = " ".join(f"{run['last_ms']:.0f}" for run in out[name]["runs"]["initial"])
+        lines.append(f"initial sync, all clients, per run, {name} (ms): {lasts}")
     for edit in EDITS:
         for name in names:
             runs = out[name]["runs"][edit]
@@ -861,7 +907,7 @@ def _table(out: dict[str, Any], a: str, b: str) -> list[str]:
             second["rss_per_stream_bytes"] / KIB,
         ),
     ]
-    lines = [f"{'':40} {a:>10} {b:>10} {f'{a}/{b}':>9}"]
+    lines = [f"{'':40} {a:>10} {b:>10} {'ratio' if len(a) > 4 else f'{a}/{b}':>9}"]
     for label, mine, theirs in rows:
         ratio = f"{mine / theirs:9.2f}" if theirs else f"{'-':>9}"
         lines.append(f"{label:40} {mine:10.2f} {theirs:10.2f} {ratio}")

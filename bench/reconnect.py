@@ -329,8 +329,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_before": os.getloadavg()[0],
     }
     sizes = ("--pools", str(args.pools), "--endpoints", str(args.endpoints))
-    rates = ("--admission-rate", str(args.admission_rate))
-    rates += ("--admission-burst", str(args.admission_burst))
+    rates = (
+        *("--admission-rate", str(args.admission_rate)),
+        *("--admission-burst", str(args.admission_burst)),
+    )
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reconnect-")))
         pki = Pki.make(tmp / "pki")
@@ -446,6 +448,14 @@ def report(out: dict[str, Any]) -> str:
         full_p["peak_rss_bytes"],
         full_t["peak_rss_bytes"],
         1 / MIB,
+        ".1f",
+    )
+    cold_p, cold_t = plain["cold"], tls["cold"]
+    row(
+        "  RSS per client in sync, first connect (KiB)",
+        (cold_p["rss_in_sync_bytes"] - cold_p["rss_before_bytes"]) / n,
+        (cold_t["rss_in_sync_bytes"] - cold_t["rss_before_bytes"]) / n,
+        1 / 1024,
         ".1f",
     )
     row(

@@ -38,8 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import cli
 from xds_lab.envoy_process import EnvoyProcess
 from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, node_in_sync
-from xds_lab.loadgen import OK, Mix, OpenLoopLoad, Outcome, Request, RequestMix, send
+from xds_lab.loadgen import ERROR, OK, Mix, OpenLoopLoad, Outcome, Request, RequestMix, body
 from xds_lab.simulator.options import SimulatorConfig
 from xds_lab.simulator.process import SimulatorProcess
 from xds_server.app import ControlPlane, Settings
@@ -79,7 +80,7 @@ class Load:
     restart_at: float = 3.0
     stream_share: float = 0.5
     output_tokens: int = 150  # median; at ~10 ms a token, 1.5 s a generation
-    grace: float = 1.0  # the old plane's stop(grace): what SIGTERM gives it
+    drain: float = 1.0  # the old plane's drain period (`serve --drain-period`; default 8 s)
     probe_interval: float = 0.005  # s between probes, from PROBE_LEAD before the restart
     seed: int = 1
 
@@ -143,9 +144,9 @@ class ObjectPlane:
     async def stop(self) -> None:
         await self.rig.stop()
 
-    async def restart(self, timeline: Timeline, grace: float) -> None:
+    async def restart(self, timeline: Timeline, drain: float) -> None:
         timeline.began = time.monotonic()
-        await self.rig.plane.stop(grace)
+        await self.rig.plane.shutdown(drain)  # what SIGTERM does: drain, then stop()
         timeline.stopped = time.monotonic()
         self.rig.plane = ControlPlane(self.settings)
         await self.rig.plane.start()
@@ -159,9 +160,10 @@ class ProcessPlane:
     """`xds-server serve` as a child process; the Envoy is started here (it must outlive
     nothing but this process)."""
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
+    def __init__(self, settings: Settings, workdir: Path, drain: float) -> None:
         self.settings = settings
         self.workdir = workdir
+        self.drain = drain
         self.process: asyncio.subprocess.Process | None = None
         self.envoy = EnvoyProcess(
             envoy_bootstrap(NODE, xds_port=settings.xds_port, envoy_admin_port=0, lrs=False),
@@ -174,8 +176,9 @@ class ProcessPlane:
             sys.executable, "-m", "xds_server.cli", "--log-level", "warning", "serve",
             "--snapshot", str(s.snapshot), "--xds-port", str(s.xds_port),
             "--admin-port", str(s.admin_port), "--router-port", str(s.router_port),
+            "--drain-period", str(self.drain),
         )  # fmt: skip
-        url = f"http://127.0.0.1:{s.admin_port}/healthz"
+        url = f"http://127.0.0.1:{s.admin_port}/readyz"
         async with aiohttp.ClientSession() as session:
             await until(lambda: _answers(session, url), "xds-server serve", self.process)
 
@@ -184,7 +187,7 @@ class ProcessPlane:
         if process is not None and process.returncode is None:
             process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), 10)
+                await asyncio.wait_for(process.wait(), self.drain + 10)
             except TimeoutError:
                 process.kill()
                 await process.wait()
@@ -198,9 +201,9 @@ class ProcessPlane:
         await self.envoy.stop()
         await self._terminate()
 
-    async def restart(self, timeline: Timeline, grace: float) -> None:
-        timeline.began = time.monotonic()  # `serve` stops with its default grace on SIGTERM
-        await self._terminate()
+    async def restart(self, timeline: Timeline, drain: float) -> None:
+        timeline.began = time.monotonic()
+        await self._terminate()  # SIGTERM: drain, then stop
         timeline.stopped = time.monotonic()
         await self._spawn()
         timeline.serving = time.monotonic()
@@ -278,15 +281,31 @@ async def routed(url: str) -> bool:
         return False
 
 
-async def probe(url: str, interval: float, outcomes: list[Outcome], done: asyncio.Event) -> None:
+async def probe(
+    url: str, interval: float, outcomes: list[Outcome], reasons: Counter[str], done: asyncio.Event
+) -> None:
     """One short body-routed request (1 output token, not streaming) every `interval` s,
-    whatever became of the last, until `done`: the failure window to within `interval`."""
+    whatever became of the last, until `done`: the failure window to within `interval`.
+    Why each failed goes to `reasons` (status and Envoy's details)."""
     request = Request(0.0, prompt_tokens=10, max_tokens=1, stream=False)
+    payload = body(request, MODEL)
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(session: aiohttp.ClientSession) -> None:
         outcome = Outcome(request, sent=time.monotonic(), lag=0.0)
-        await send(session, url, outcome, MODEL, PROBE_TIMEOUT)
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                async with session.post(url, json=payload) as resp:
+                    text = await resp.text()
+            outcome.finished = time.monotonic()
+            outcome.status = OK if resp.status == 200 else ERROR
+            if resp.status != 200:
+                reasons[f"{resp.status} {text[:60]}"] += 1
+        except TimeoutError:
+            reasons["timeout"] += 1
+        except aiohttp.ClientError as err:
+            outcome.status, outcome.finished = ERROR, time.monotonic()
+            reasons[type(err).__name__] += 1
         outcomes.append(outcome)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -337,10 +356,16 @@ class CaseResult:
     new: Failures  # the load's requests sent after the stop began
     probes: Failures  # the probes sent after the stop began
     all_new: Failures  # both
+    probe_failures: dict[str, int]  # why probes failed: status and the start of the answer
 
 
 def classify(
-    case: str, plane: str, load: list[Outcome], probes: list[Outcome], t: Timeline
+    case: str,
+    plane: str,
+    load: list[Outcome],
+    probes: list[Outcome],
+    t: Timeline,
+    reasons: Counter[str] | None = None,
 ) -> CaseResult:
     before = [o for o in load if o.sent < t.began]
     in_flight = [o for o in before if o.finished >= t.began]
@@ -363,6 +388,7 @@ def classify(
         new=Failures.of(load, t),
         probes=Failures.of(probes, t),
         all_new=Failures.of([*load, *probes], t),
+        probe_failures=dict(reasons or {}),
     )
 
 
@@ -381,12 +407,13 @@ async def measure(
     plane: ObjectPlane | ProcessPlane = (
         ObjectPlane(settings, workdir / case)
         if plane_kind == "objects"
-        else ProcessPlane(settings, workdir / case)
+        else ProcessPlane(settings, workdir / case, load.drain)
     )
     url = f"http://127.0.0.1:{listener}/v1/completions"
     outcomes: list[Outcome] = []
     probes: list[Outcome] = []
     probes_done = asyncio.Event()
+    reasons: Counter[str] = Counter()
     timeline = Timeline()
     if standalone is not None:
         await standalone.start()
@@ -398,9 +425,9 @@ async def measure(
         )
         running = asyncio.create_task(traffic.run(load.seconds))
         await asyncio.sleep(max(0.0, load.restart_at - PROBE_LEAD))
-        probing = asyncio.create_task(probe(url, load.probe_interval, probes, probes_done))
+        probing = asyncio.create_task(probe(url, load.probe_interval, probes, reasons, probes_done))
         await asyncio.sleep(min(PROBE_LEAD, load.restart_at))
-        await plane.restart(timeline, load.grace)
+        await plane.restart(timeline, load.drain)
         await until(lambda: envoy_connected(plane.envoy), "Envoy's ADS stream")
         timeline.envoy_back = time.monotonic()
 
@@ -418,7 +445,7 @@ async def measure(
         await plane.stop()
         if standalone is not None:
             await standalone.stop()
-    return classify(case, plane_kind, outcomes, probes, timeline)
+    return classify(case, plane_kind, outcomes, probes, timeline, reasons)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -428,7 +455,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         restart_at=args.restart_at,
         stream_share=args.stream_share,
         output_tokens=args.output_tokens,
-        grace=args.grace,
+        drain=args.drain,
         probe_interval=args.probe_interval,
     )
     config = SimulatorConfig(model=MODEL)
@@ -485,8 +512,8 @@ def report(out: dict[str, Any]) -> str:
         f"load: {load['rate']:g} requests/s for {load['seconds']:g} s, "
         f"{load['stream_share']:.0%} streaming, median {load['output_tokens']} output tokens; "
         f"probes: one every {load['probe_interval'] * 1e3:g} ms around the restart; "
-        f"restart {load['restart_at']:g} s in (plane: {out['plane']}, stop grace "
-        f"{load['grace']:g} s); load average before: {out['load_average_before']:.2f}",
+        f"restart {load['restart_at']:g} s in (plane: {out['plane']}, drain period "
+        f"{load['drain']:g} s); load average before: {out['load_average_before']:.2f}",
         "",
         "| router | in flight at the stop: failed / all (of them streams across the restart) "
         "| new requests: failed / all | probes: failed / all | failure window ms "
@@ -516,6 +543,8 @@ def report(out: dict[str, Any]) -> str:
             f" ms; Envoy's ADS back after {_ms(row['envoy_back_median'])} ms (median)"
         )
     for r in out["runs"]:
+        for reason, count in sorted(r["probe_failures"].items(), key=lambda x: -x[1]):
+            lines.append(f"{r['case']}: {count} probe(s) failed with: {reason}")
         if r["failed_before"]:
             lines.append(f"WARNING: {r['case']}: {r['failed_before']} failed before the restart")
     return "\n".join(lines)
@@ -530,7 +559,9 @@ def main() -> None:
     parser.add_argument("--restart-at", type=float, default=DEFAULT.restart_at, help="s into it")
     parser.add_argument("--stream-share", type=float, default=DEFAULT.stream_share)
     parser.add_argument("--output-tokens", type=int, default=DEFAULT.output_tokens, help="median")
-    parser.add_argument("--grace", type=float, default=DEFAULT.grace, help="the old plane's stop")
+    parser.add_argument(
+        "--drain", type=float, default=DEFAULT.drain, help="the old plane's drain period, s"
+    )
     parser.add_argument(
         "--probe-interval", type=float, default=DEFAULT.probe_interval, help="seconds"
     )

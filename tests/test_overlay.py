@@ -9,9 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lrs.weights.signals import PoolWeights
 from xds_server.config.overlay import Overlay, endpoint_key
 from xds_server.config.reader import parse_config
-from xds_server.config.state_file import OverlayState, StateFileError, read_state, write_state
+from xds_server.config.state_file import (
+    OverlayState,
+    SavedWeights,
+    StateFileError,
+    read_state,
+    write_state,
+)
 from xds_server.config.types import Config, Endpoint
 
 A, B, C = "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"
@@ -151,10 +158,10 @@ def test_json_round_trip(overlay: Overlay):
 
 def test_state_file_is_written_atomically_and_read_back(tmp_path: Path):
     path = tmp_path / "state.json"
-    assert read_state(path) == Overlay()  # first start: no file yet
+    assert read_state(path)[0] == Overlay()  # first start: no file yet
     overlay = Overlay().drain("p", A, True)
-    write_state(path, overlay)
-    assert read_state(path) == overlay
+    write_state(path, overlay, {})
+    assert read_state(path)[0] == overlay
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
 
 
@@ -167,18 +174,18 @@ def test_state_file_writers_with_the_same_pid_do_not_share_a_temp_file(
     monkeypatch.setattr("os.getpid", lambda: 1)
     other = tmp_path / ".state.json.1.tmp"  # the other container's write, in progress
     other.write_text("the other writer's data")
-    write_state(path, Overlay().drain("p", A, True))
+    write_state(path, Overlay().drain("p", A, True), {})
     assert other.read_text() == "the other writer's data"
-    assert read_state(path) == Overlay().drain("p", A, True)
+    assert read_state(path)[0] == Overlay().drain("p", A, True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".state.json.1.tmp", "state.json"]
 
 
 def test_state_file_keeps_its_mode_and_a_new_one_is_0644(tmp_path: Path):
     path = tmp_path / "state.json"
-    write_state(path, Overlay())
+    write_state(path, Overlay(), {})
     assert path.stat().st_mode & 0o777 == 0o644
     path.chmod(0o640)
-    write_state(path, Overlay().drain("p", A, True))
+    write_state(path, Overlay().drain("p", A, True), {})
     assert path.stat().st_mode & 0o777 == 0o640
 
 
@@ -198,6 +205,12 @@ async def test_an_unwritable_state_file_leaves_the_overlay_in_force(tmp_path: Pa
         ('{"format": 1, "pools": {"p": {"added": [{"address": "x"}]}}}', "pools.p.added[0]"),
         ('{"format": 1, "pools": {"p": {"extra": []}}}', "unknown key 'extra'"),
         ("[]", "expected a mapping"),
+        ('{"format": 1, "pools": {}, "weights": {"p": {"published_at": 1.0}}}', "weights.p"),
+        (
+            '{"format": 1, "pools": {}, "weights": {"p": {"published_at": 1.0, "weights": '
+            '{"endpoints": {"a": 0}, "localities": {}}}}}',
+            "weights.p.weights: endpoints",
+        ),
     ],
 )
 def test_a_corrupt_state_file_is_an_error_naming_the_file(tmp_path: Path, content: str, hint: str):
@@ -206,3 +219,27 @@ def test_a_corrupt_state_file_is_an_error_naming_the_file(tmp_path: Path, conten
     with pytest.raises(StateFileError) as err:
         read_state(path)
     assert str(path) in str(err.value) and hint in str(err.value)
+
+
+def test_state_file_keeps_the_weight_table_beside_the_overlay(tmp_path: Path):
+    path = tmp_path / "state.json"
+    weights = PoolWeights({A: 700, "10.0.0.2:8000": 300}, {"zone-a": 1}, frozenset({A}))
+    saved = {"p": SavedWeights(weights, 1234.5)}
+    write_state(path, Overlay().drain("p", A, True), saved)
+    assert read_state(path) == (Overlay().drain("p", A, True), saved)
+
+
+async def test_weights_are_written_only_when_they_changed(tmp_path: Path):
+    path = tmp_path / "state.json"
+    state = OverlayState(path)
+    await state.load()
+    await state.flush_weights()
+    assert not path.exists()  # nothing published yet: nothing to write
+    state.record_weights("p", PoolWeights({A: 5}, {"": 1}))
+    await state.flush_weights()
+    written = path.stat().st_mtime_ns
+    await state.flush_weights()
+    assert path.stat().st_mtime_ns == written
+    again = OverlayState(path)
+    await again.load()
+    assert again.weights["p"].weights == PoolWeights({A: 5}, {"": 1})

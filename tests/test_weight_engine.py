@@ -145,3 +145,29 @@ async def test_run_survives_a_failing_round() -> None:
     await asyncio.sleep(0.2)
     task.cancel()
     assert rig.engine.step_errors >= 2 and rounds >= 2
+
+
+def test_restored_weights_stand_while_the_policy_warms_up_on_fresh_load() -> None:
+    rig = Rig(config(orca={**ORCA, "blackout": 3.0, "expiry": 30.0}))
+    before = PoolWeights({A: 900, B: 100}, {"": 1})
+    assert rig.engine.restore("llama", before, age=5.0)
+    assert rig.advance(1.0) == []  # no load yet: the restored weights are what EDS carries
+    for _ in range(2):  # load arrives; the policy is in its blackout (neutral answers)...
+        rig.report(0.2, 0.8)
+        assert rig.advance(1.0) == []  # ...which never reach Envoy: no snap back to static
+    assert rig.engine.pools["llama"].published == before and rig.pushed == []
+    rig.report(0.2, 0.8)
+    assert rig.advance(2.5) == ["llama"]  # warmed up: its own answer goes out
+    weights = rig.pushed[-1][1]
+    assert weights.endpoints[A] > weights.endpoints[B] and weights != before
+
+
+def test_restored_weights_expire_like_any_stale_weight() -> None:
+    rig = Rig(config(orca={**ORCA, "expiry": 30.0}))
+    stale = PoolWeights({A: 900, B: 100}, {"": 1})
+    assert not rig.engine.restore("llama", stale, age=31.0)  # already too old: not taken
+    assert not rig.engine.restore("unknown-pool", stale, age=1.0)
+    assert rig.engine.restore("llama", stale, age=20.0)
+    assert rig.advance(5.0) == []  # held: 10 s of its 30 s life are left
+    assert rig.advance(6.0) == ["llama"]  # expired without load: the policy's answer goes out
+    assert rig.pushed[-1][1] != stale

@@ -17,6 +17,7 @@ from aiohttp import web
 from lrs.load_reporting_service import LoadReportingService
 from lrs.load_store import LoadStore
 from lrs.weights.engine import WeightEngine
+from lrs.weights.signals import PoolWeights
 from xds_server.admin import AdminApi, start_admin
 from xds_server.admin.auth import resolve_read_token, resolve_token
 from xds_server.admin.hosts import allowed_hosts
@@ -69,7 +70,9 @@ class Settings:
     limits: ClientLimits = field(default_factory=ClientLimits)  # per-client limits
     #: On SIGTERM, open streams are closed spread over this many seconds (with jitter) so
     #: their Envoys reconnect to other replicas gradually, not all at once.
-    drain_period: float = 10.0
+    drain_period: float = 8.0
+    #: How often the published weights are written to the state file (when one is given).
+    weights_save_interval: float = 5.0
 
 
 class ControlPlane:
@@ -114,7 +117,7 @@ class ControlPlane:
             max_report_bytes=settings.limits.max_lrs_request_bytes,
         )
         self.engine = WeightEngine(
-            self.store.pool_load, self.publisher.publish_weights, settings.weight_tick
+            self.store.pool_load, self._publish_weights, settings.weight_tick
         )
         self.metrics.observe_control_loop(self.lrs, self.engine)
         self.metrics.observe_trust(self.admission, self.lrs, lambda: self.tls)
@@ -123,6 +126,23 @@ class ControlPlane:
             lambda pool: self.store.pool_load(pool, time.monotonic()), lambda: self.store.reports
         )
         self._engine_task: asyncio.Task[None] | None = None
+        self._saver: asyncio.Task[None] | None = None
+
+    def _publish_weights(self, pool: str, weights: PoolWeights) -> None:
+        self.publisher.publish_weights(pool, weights)
+        self.overlay.record_weights(pool, weights)
+
+    async def _save_weights(self) -> None:
+        """Keep the state file's weight table current (when there is a state file)."""
+        while True:
+            await asyncio.sleep(self.settings.weights_save_interval)
+            await self._flush_weights()
+
+    async def _flush_weights(self) -> None:
+        try:
+            await self.overlay.flush_weights()
+        except OSError as err:
+            log.error("cannot write the weights to the state file %s: %s", self.overlay.path, err)
 
     def _authorize(self, node_cluster: str, identities: tuple[str, ...] | None) -> str | None:
         """Why a client with these certificate identities may not claim `node_cluster`'s
@@ -173,12 +193,21 @@ class ControlPlane:
         admin_https = admin_tls(self.settings.admin_tls_cert, self.settings.admin_tls_key)
         hosts = allowed_hosts(self.settings.admin_host, self.settings.admin_allowed_hosts)
         await self.overlay.load()
+        # The last weights (kept in the state file) go out with the first config, so a
+        # restart does not snap every pool back to static weights for a blackout.
+        restored = dict(self.overlay.weights)
+        self.publisher.weights = {pool: saved.weights for pool, saved in restored.items()}
         await self._start_body_router()
         try:
             await self.source.load(strict=True)
         except BaseException:
             await self.stop(0)
             raise
+        for pool, saved in restored.items():
+            if self.engine.restore(pool, saved.weights, time.time() - saved.published_at):
+                log.info("serving pool %s with its weights from before the restart", pool)
+            else:  # expired (or no longer load-weighted): never served past its expiry
+                self.publisher.forget_weights(pool)
         limits = self.settings.limits
         services = DiscoveryServices(
             self.cache,
@@ -195,6 +224,7 @@ class ControlPlane:
             limits.grpc_options(),
         )
         self._engine_task = asyncio.create_task(self.engine.run())
+        self._saver = asyncio.create_task(self._save_weights())
         self._admin_api = AdminApi(
             self.cache,
             self.registry,
@@ -272,9 +302,11 @@ class ControlPlane:
         await self.stop()
 
     async def stop(self, grace: float = 1.0) -> None:
-        for task in (self._watcher, self._engine_task):
+        for task in (self._watcher, self._engine_task, self._saver):
             if task is not None:
                 task.cancel()
+        if self._saver is not None:
+            await self._flush_weights()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._admin_api is not None:

@@ -66,6 +66,11 @@ class _PoolState:
     published: PoolWeights | None = None  # what EDS carries now
     pushed_at: float = float("-inf")
     pushes: int = 0
+    #: Restored weights (a restart, another replica's table) are held until they expire,
+    #: or until load has arrived and the policy has had its blackout to warm up on it
+    #: (`warm_until`): no snap back to static weights while it learns the fleet again.
+    held_until: float = float("-inf")
+    warm_until: float = float("-inf")
 
 
 class WeightEngine:
@@ -106,6 +111,22 @@ class WeightEngine:
             pools[pool.name] = state
         self.pools = pools
 
+    def restore(self, pool_name: str, weights: PoolWeights, age: float) -> bool:
+        """Take over weights published `age` seconds ago (before a restart): they are what
+        EDS carries and are held until they are as old as the pool's `expiry`, or until
+        load arrives and the policy has warmed up on it for its `blackout` (its answers are
+        neutral until then). False if the pool is not weighed here or the weights have
+        already expired."""
+        state = self.pools.get(pool_name)
+        params = state.pool.orca if state is not None else None
+        if state is None or params is None or age >= params.expiry:
+            return False
+        now = self.clock()
+        state.published, state.latest = weights, weights
+        state.held_until = now + params.expiry - age
+        state.warm_until = float("inf")  # the warm-up starts with the first load
+        return True
+
     def step(self) -> list[str]:
         """One round over every pool; returns the names of the pools whose weights went out."""
         now = self.clock()
@@ -138,6 +159,20 @@ class WeightEngine:
     def _compute(self, state: _PoolState, now: float) -> PoolWeights | None:
         pool = state.pool
         loads = self.loads(pool.name, now)
+        if now < state.held_until:
+            if loads and state.warm_until == float("inf"):
+                state.warm_until = now + pool.orca.blackout
+            if not loads or now < state.warm_until:
+                if loads:
+                    self._answer(state, loads, now)  # the policy learns; the answer waits
+                return None  # the restored weights stand
+            state.held_until = float("-inf")
+        return self._answer(state, loads, now)
+
+    def _answer(
+        self, state: _PoolState, loads: Mapping[str, EndpointLoad], now: float
+    ) -> PoolWeights | None:
+        pool = state.pool
         inputs = [
             EndpointInput(e.key, e.zone, e.weight, loads.get(e.key), state.known_since[e.key])
             for e in pool.endpoints

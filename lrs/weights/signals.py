@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from lrs.contract import MAX_WEIGHT
 
 __all__ = ["EndpointInput", "EndpointLoad", "PoolWeights"]
 
@@ -58,3 +61,29 @@ class PoolWeights:
     localities: Mapping[str, int]
     saturated: frozenset[str] = frozenset()
     explain: Mapping[str, Mapping[str, object]] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a restarted control plane (or another replica) needs to serve these weights."""
+        return {
+            "endpoints": dict(self.endpoints),
+            "localities": dict(self.localities),
+            "saturated": sorted(self.saturated),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> PoolWeights:
+        """Parse what to_json wrote; ValueError when it is not that."""
+        if not isinstance(data, dict):
+            raise ValueError("expected a mapping")
+        endpoints, localities = data.get("endpoints"), data.get("localities")
+        saturated = data.get("saturated", [])
+        for name, table in (("endpoints", endpoints), ("localities", localities)):
+            if not isinstance(table, dict) or not all(
+                isinstance(k, str) and type(v) is int and 1 <= v <= MAX_WEIGHT
+                for k, v in table.items()
+            ):
+                raise ValueError(f"{name}: expected names -> integer weights 1..{MAX_WEIGHT}")
+        if not isinstance(saturated, list) or not all(isinstance(k, str) for k in saturated):
+            raise ValueError("saturated: expected a list of endpoint keys")
+        assert isinstance(endpoints, dict) and isinstance(localities, dict)
+        return cls(dict(endpoints), dict(localities), frozenset(saturated))

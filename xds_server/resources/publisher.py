@@ -55,9 +55,17 @@ class Publisher:
         for callback in self.on_config:
             callback(config)
 
+    def forget_weights(self, pool_name: str) -> None:
+        """Serve the pool's static weights again (its weights from load are gone)."""
+        if self.weights.pop(pool_name, None) is not None:
+            self._send(pool_name, None)
+
     def publish_weights(self, pool_name: str, weights: PoolWeights) -> None:
         """Re-send one pool's endpoints with new weights to every group that serves it."""
         self.weights[pool_name] = weights
+        self._send(pool_name, weights)
+
+    def _send(self, pool_name: str, weights: PoolWeights | None) -> None:
         config = self.config
         if config is None:
             return
