@@ -1,12 +1,13 @@
 """Body routing across a control-plane restart: what fails with the router in the control plane,
-and with the router in a process of its own beside Envoy.
+and what fails with the router in a process of its own beside Envoy.
 
 One real Envoy 1.40 stays up throughout; its one listener routes by body (ext_proc) to a pool
 of simulated model servers (a child process). An open-loop stream of OpenAI completions, each
-naming its model in the JSON body and about half of them streaming long generations, runs
-through Envoy while the control plane is restarted: stopped as on SIGTERM (`stop()`, 1 s of
-grace) and a new one started on the same xDS, admin and router ports with the same snapshot.
-Two cases, each with a fresh Envoy and plane:
+naming its model in the JSON body, half of them streamed (150 output tokens at the median),
+runs through Envoy while the control plane restarts: SIGTERM (a drain of --drain seconds, then
+stop) and a new one on the same xDS, admin and router ports with the same snapshot. Around the
+restart, probes (one short routed request every 5 ms) time the failure window. Two cases, each
+with a fresh Envoy and plane:
 
   in-process  the router is the control plane's own (`serve --router-port`): it goes down
               and comes back with the plane;
@@ -14,17 +15,20 @@ Two cases, each with a fresh Envoy and plane:
               `xds-server body-router` runs as its own process on P; only the plane restarts.
 
 Figures per case: the requests in flight when the stop began (sent before, answered after)
-and how many failed; the requests sent from then on, how many failed and the failure window
-(first to last failed request, by when each was sent); the restart's timeline (old plane
-stopped, new one serving, Envoy's ADS stream back and in sync with it).
+and how many of them failed; the requests and probes sent from then on, how many failed, why,
+and the failure window (first to last failed request, by when each was sent); the restart's
+timeline (old plane gone, new one ready, Envoy's ADS stream back and in sync).
 
-`--plane objects` (default) restarts `ControlPlane` objects in this process (the restart a
-process gets, minus the interpreter's start); `--plane process` restarts a real
-`xds-server serve` child process (SIGTERM, then a new process), Python's start included.
+`--plane process` (default) restarts a real `xds-server serve` child process, so the router's
+downtime includes the old process's exit and the new one's start. `--plane objects` restarts
+`ControlPlane` objects in this process (`shutdown()`, then a new one; what the test does): the
+router is down for milliseconds, and the probes, on the same event loop, hardly see it.
 
-    .venv/bin/python bench/router_restart.py                  # ~30 s on 2 cores
-    .venv/bin/python bench/router_restart.py --plane process
-    .venv/bin/python bench/router_restart.py --repeats 3 --json out.json
+The figures go to bench/results/router_restart.json too (--json: elsewhere).
+
+    .venv/bin/python bench/router_restart.py                  # ~25 s on 2 cores
+    .venv/bin/python bench/router_restart.py --repeats 3      # each case three times, ~75 s
+    .venv/bin/python bench/router_restart.py --plane objects
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ class Timeline:
     stopped: float = math.nan  # the old plane is gone (its router's port closed)
     serving: float = math.nan  # the new plane answers (its router's port open)
     envoy_back: float = math.nan  # Envoy's ADS stream connected again
-    in_sync: float = math.nan  # ... and Envoy has taken the new plane's config
+    in_sync: float = math.nan  # ... and Envoy has ACKed the new plane's config (objects only)
 
 
 class ObjectPlane:
@@ -157,8 +161,8 @@ class ObjectPlane:
 
 
 class ProcessPlane:
-    """`xds-server serve` as a child process; the Envoy is started here (it must outlive
-    nothing but this process)."""
+    """`xds-server serve` as a child process, and the Envoy as another (a child of this
+    process, which outlives every plane: Envoy exits with its parent)."""
 
     def __init__(self, settings: Settings, workdir: Path, drain: float) -> None:
         self.settings = settings
@@ -184,13 +188,7 @@ class ProcessPlane:
 
     async def _terminate(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), self.drain + 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await terminate(process, self.drain + 10.0)
 
     async def start(self) -> None:
         await self._spawn()
@@ -209,7 +207,18 @@ class ProcessPlane:
         timeline.serving = time.monotonic()
 
     def in_sync(self) -> bool:
-        return True  # connected is all we can see from outside
+        return True  # from outside, connected is all there is to see
+
+
+async def terminate(process: asyncio.subprocess.Process | None, timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
+    if process is not None and process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
@@ -259,9 +268,7 @@ class StandaloneProcess:
         await until(listening, "xds-server body-router", self.process)
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            await self.process.wait()
+        await terminate(self.process, 10.0)
 
 
 async def envoy_connected(envoy: EnvoyProcess) -> bool:
@@ -415,17 +422,20 @@ async def measure(
     probes_done = asyncio.Event()
     reasons: Counter[str] = Counter()
     timeline = Timeline()
-    if standalone is not None:
-        await standalone.start()
+    tasks: list[asyncio.Task[None]] = []
     try:
+        if standalone is not None:
+            await standalone.start()
         await plane.start()
         await until(lambda: routed(url), "the first routed request")
         traffic = OpenLoopLoad(
             url, load.rate, outcomes.append, load.mix(), MODEL, timeout=30.0, seed=load.seed
         )
         running = asyncio.create_task(traffic.run(load.seconds))
+        tasks.append(running)
         await asyncio.sleep(max(0.0, load.restart_at - PROBE_LEAD))
         probing = asyncio.create_task(probe(url, load.probe_interval, probes, reasons, probes_done))
+        tasks.append(probing)
         await asyncio.sleep(min(PROBE_LEAD, load.restart_at))
         await plane.restart(timeline, load.drain)
         await until(lambda: envoy_connected(plane.envoy), "Envoy's ADS stream")
@@ -441,7 +451,8 @@ async def measure(
         await probing
         await running
     finally:
-        probes_done.set()
+        for task in tasks:  # left running only when something failed
+            task.cancel()
         await plane.stop()
         if standalone is not None:
             await standalone.stop()
@@ -553,7 +564,7 @@ def report(out: dict[str, Any]) -> str:
 def main() -> None:
     parser = cli.parser(__doc__)
     parser.set_defaults(json=RESULTS / "router_restart.json")
-    parser.add_argument("--plane", choices=("objects", "process"), default="objects")
+    parser.add_argument("--plane", choices=("process", "objects"), default="process")
     parser.add_argument("--rate", type=float, default=DEFAULT.rate, help="requests/s")
     parser.add_argument("--seconds", type=float, default=DEFAULT.seconds, help="of load per case")
     parser.add_argument("--restart-at", type=float, default=DEFAULT.restart_at, help="s into it")

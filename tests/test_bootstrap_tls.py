@@ -609,9 +609,11 @@ async def test_proxyless_grpc_client_connects_over_mtls_with_a65_credentials(
     )
     assert child.stdin is not None and child.stdout is not None
     try:
-        [client] = await until(
+        clients = await until(
             lambda: plane.registry.by_node("grpc-1"), 10, "gRPC client in the registry"
         )
+        assert len(clients) == 1, [c.to_json(plane.cache.group_for("edge")) for c in clients]
+        [client] = clients
         # Its client certificate was verified: the registry holds its SPIFFE ID.
         assert client.identities == (GRPC_ID,)
         assert (client.node_cluster, client.group, client.service) == ("edge", "edge", "ads")
@@ -621,14 +623,21 @@ async def test_proxyless_grpc_client_connects_over_mtls_with_a65_credentials(
         status = await until(lambda: client.types.get(LISTENER), 5, "listener subscription")
         await until(lambda: status.acked_version, 5, "gRPC client ACKs the listener response")
         assert status.subscribed == ["some-listener"] and status.last_nack is None
-        line = await asyncio.wait_for(child.stdout.readline(), 10)
-        child.stdin.close()
-        _, err = await asyncio.wait_for(child.communicate(), 10)
-    finally:
+        # So its call waits for a configuration that never comes, until its deadline.
+        line = (await asyncio.wait_for(child.stdout.readline(), 10)).decode()
+        assert line.startswith("DEADLINE_EXCEEDED"), line
+    except Exception as failure:
         if child.returncode is None:
             child.kill()
-            await child.wait()
-    # So the call waits for a configuration that never comes, until its deadline.
-    assert line.decode().startswith("DEADLINE_EXCEEDED"), line.decode() + err.decode()
-    assert child.returncode == 0, err.decode()
+        _, err = await child.communicate()
+        failure.add_note(f"gRPC client's stderr:\n{err.decode(errors='replace')}")
+        raise
+    finally:
+        if child.returncode is None:
+            child.stdin.close()
+            try:
+                await asyncio.wait_for(child.communicate(), 10)
+            finally:
+                if child.returncode is None:
+                    child.kill()
     assert plane.registry.refused == {}

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from lrs.load_reporting_service import LoadReportingService
 from lrs.load_store import LoadStore
-from lrs.weights.engine import WeightEngine
+from lrs.weights.engine import Loads, WeightEngine
 from lrs.weights.signals import PoolWeights
 from xds_server.admin import AdminApi, start_admin
 from xds_server.admin.auth import resolve_read_token, resolve_token
@@ -29,6 +29,7 @@ from xds_server.config.types import Config
 from xds_server.fleet import FleetView, LoadProvider
 from xds_server.grpc_server import start_grpc_server
 from xds_server.metrics import Metrics
+from xds_server.replicas.replication import Replication
 from xds_server.resources.publisher import Publisher
 from xds_server.router.ext_proc import BodyRouter
 from xds_server.tls import ServerTls, TlsFiles, identity_allowed
@@ -73,6 +74,10 @@ class Settings:
     drain_period: float = 8.0
     #: How often the published weights are written to the state file (when one is given).
     weights_save_interval: float = 5.0
+    #: Replicas: share the overlay, load and weights through this Redis (redis://...).
+    redis: str | None = None
+    redis_prefix: str = "xds"  # key prefix: several fleets can share one Redis
+    lease_ttl: float = 3.0  # seconds a leader's lease lasts without renewal
 
 
 class ControlPlane:
@@ -83,7 +88,26 @@ class ControlPlane:
         self.cache = ResourceCache()
         self.registry = ClientRegistry()
         self.publisher = Publisher(self.cache)
-        self.overlay = OverlayState(settings.state)
+        self.store = LoadStore(window=max(5.0, 4 * settings.lrs_interval))
+        self.replication: Replication | None = None
+        if settings.redis is not None:
+            self.replication = Replication(
+                settings.redis,
+                self.publisher,
+                self.store.pool_load,
+                lambda: (
+                    [p.name for p in self.publisher.config.orca_pools]
+                    if self.publisher.config
+                    else []
+                ),
+                settings.lrs_interval,
+                settings.redis_prefix,
+                settings.lease_ttl,
+            )
+            self.overlay: OverlayState = self.replication.overlay
+            self.replication.overlay.on_change = self.source_publish
+        else:
+            self.overlay = OverlayState(settings.state)
         self.source = FileSource(
             settings.snapshot,
             self.publisher.publish_config,
@@ -102,7 +126,6 @@ class ControlPlane:
         self.publisher.on_config.append(self.body_router.update)
         self.router_port = settings.router_port
         self._router: grpc.aio.Server | None = None
-        self.store = LoadStore(window=max(5.0, 4 * settings.lrs_interval))
         #: Read at start(); until then (and without --tls-*) the ports are plaintext.
         self.tls: ServerTls | None = None
         self.shutting_down = False
@@ -116,19 +139,25 @@ class ControlPlane:
             authorize=self._authorize,
             max_report_bytes=settings.limits.max_lrs_request_bytes,
         )
-        self.engine = WeightEngine(
-            self.store.pool_load, self._publish_weights, settings.weight_tick
-        )
+        loads: Loads = self.store.pool_load
+        if self.replication is not None:
+            loads = self.replication.load.loads
+        self.engine = WeightEngine(loads, self._publish_weights, settings.weight_tick)
         self.metrics.observe_control_loop(self.lrs, self.engine)
         self.metrics.observe_trust(self.admission, self.lrs, lambda: self.tls)
         self.publisher.on_config.append(self._follow_config)
-        self.observe_load(
-            lambda pool: self.store.pool_load(pool, time.monotonic()), lambda: self.store.reports
-        )
+        self.observe_load(lambda pool: loads(pool, time.monotonic()), lambda: self.store.reports)
         self._engine_task: asyncio.Task[None] | None = None
         self._saver: asyncio.Task[None] | None = None
 
+    async def source_publish(self) -> None:
+        """Serve the file with the overlay in force again (another replica changed it)."""
+        await self.source.publish()
+
     def _publish_weights(self, pool: str, weights: PoolWeights) -> None:
+        if self.replication is not None:
+            self.replication.publish(pool, weights)  # served when the table announces it
+            return
         self.publisher.publish_weights(pool, weights)
         self.overlay.record_weights(pool, weights)
 
@@ -192,10 +221,14 @@ class ControlPlane:
         read_token = resolve_read_token(self.settings.admin_read_token_file)
         admin_https = admin_tls(self.settings.admin_tls_cert, self.settings.admin_tls_key)
         hosts = allowed_hosts(self.settings.admin_host, self.settings.admin_allowed_hosts)
-        await self.overlay.load()
-        # The last weights (kept in the state file) go out with the first config, so a
-        # restart does not snap every pool back to static weights for a blackout.
-        restored = dict(self.overlay.weights)
+        if self.replication is not None:
+            await self.replication.start()  # the overlay and the weight table, from Redis
+            restored = dict(self.replication.weights.table)
+        else:
+            await self.overlay.load()
+            restored = dict(self.overlay.weights)
+        # The last weights (the state file's, or the replicas' table) go out with the first
+        # config, so a restart does not snap every pool back to static weights.
         self.publisher.weights = {pool: saved.weights for pool, saved in restored.items()}
         await self._start_body_router()
         try:
@@ -224,6 +257,9 @@ class ControlPlane:
             limits.grpc_options(),
         )
         self._engine_task = asyncio.create_task(self.engine.run())
+        if self.replication is not None:
+            self.replication.engine = self.engine
+            self.replication.run()
         self._saver = asyncio.create_task(self._save_weights())
         self._admin_api = AdminApi(
             self.cache,
@@ -235,6 +271,7 @@ class ControlPlane:
             read_token=read_token,
             allowed_hosts=hosts,
             ready=lambda: self.ready,
+            replicas=self.replication.status if self.replication is not None else None,
         )
         self._admin, self.admin_port = await start_admin(
             await self._admin_api.app(),
@@ -283,6 +320,8 @@ class ControlPlane:
         period = self.settings.drain_period if drain_period is None else drain_period
         self.shutting_down = True
         self.admission.closed = True
+        if self.replication is not None:
+            await self.replication.lease.release()  # another replica computes weights now
         message = "this control plane is shutting down; reconnect to another replica"
         enders: list[Callable[[], None]] = [
             partial(stream.end, message)
@@ -317,6 +356,8 @@ class ControlPlane:
         if self._router is not None:
             await self._router.stop(grace)
         await self.body_router.aclose()
+        if self.replication is not None:
+            await self.replication.stop()
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()

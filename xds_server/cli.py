@@ -196,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between an Envoy's load reports (default 1)",
     )
     serve.add_argument(
+        "--redis",
+        metavar="URL",
+        help="run as one of several replicas sharing the admin overlay, the fleet's load and "
+        "the weight table through this Redis (redis://HOST:PORT/DB); replaces --state",
+    )
+    serve.add_argument(
+        "--redis-prefix",
+        default="xds",
+        help="key prefix in Redis, so that several fleets can share one (default xds)",
+    )
+    serve.add_argument(
         "--drain-period",
         type=_non_negative_seconds,
         default=8.0,
@@ -383,7 +394,15 @@ async def _serve(args: argparse.Namespace) -> int:
         limits=client_limits(args),
         allowed_policy_modules=tuple(args.allow_policy_module),
         drain_period=args.drain_period,
+        redis=args.redis,
+        redis_prefix=args.redis_prefix,
     )
+    if args.redis and args.state:
+        print(
+            "xds-server: --redis keeps the overlay and weights in Redis; drop --state",
+            file=sys.stderr,
+        )
+        return 2
     plane = ControlPlane(settings)
     try:
         await plane.start()

@@ -127,6 +127,18 @@ class WeightEngine:
         state.warm_until = float("inf")  # the warm-up starts with the first load
         return True
 
+    def adopt(self, pool_name: str, weights: PoolWeights) -> None:
+        """Weights another engine published (another replica's) are what EDS carries now."""
+        state = self.pools.get(pool_name)
+        if state is not None:
+            state.published = weights
+
+    def forget_published(self) -> None:
+        """Publish every pool's current answer on the next round (a replica now leading)."""
+        for state in self.pools.values():
+            state.published = None
+            state.pushed_at = float("-inf")
+
     def step(self) -> list[str]:
         """One round over every pool; returns the names of the pools whose weights went out."""
         now = self.clock()

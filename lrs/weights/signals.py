@@ -6,7 +6,7 @@ depends on these small frozen types only, never on how reports are stored.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,30 @@ class EndpointLoad:
     metrics: Mapping[str, float] = field(default_factory=dict)  # metric name -> mean value
     age: float = 0.0  # seconds since the freshest report that carried this endpoint
     reporters: int = 0  # Envoys whose latest report (in the window) listed this endpoint
+
+    @classmethod
+    def merge(cls, parts: Sequence[EndpointLoad]) -> EndpointLoad:
+        """One endpoint's load as several stores saw it (control-plane replicas, each
+        with its own Envoys): rates and levels add up, metric means are weighted by how
+        many reporters each store merged, the age is the freshest."""
+        if len(parts) == 1:
+            return parts[0]
+        sums: dict[str, list[float]] = {}
+        for part in parts:
+            weight = max(part.reporters, 1)
+            for name, value in part.metrics.items():
+                found = sums.setdefault(name, [0.0, 0.0])
+                found[0] += value * weight
+                found[1] += weight
+        return cls(
+            rps=sum(p.rps for p in parts),
+            error_rps=sum(p.error_rps for p in parts),
+            issued_rps=sum(p.issued_rps for p in parts),
+            in_progress=sum(p.in_progress for p in parts),
+            metrics={name: total / count for name, (total, count) in sums.items()},
+            age=min(p.age for p in parts),
+            reporters=sum(p.reporters for p in parts),
+        )
 
 
 @dataclass(frozen=True, slots=True)

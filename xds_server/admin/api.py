@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -49,6 +49,7 @@ class AdminApi:
         read_token: str | None = None,
         allowed_hosts: frozenset[str] | None = None,
         ready: Callable[[], bool] = lambda: True,
+        replicas: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """`read_token`: reads need it (or `token`) too; `allowed_hosts`: the Host names
         answered (None: any; see hosts.allowed_hosts for the defaults); `ready`: what
@@ -58,7 +59,7 @@ class AdminApi:
         self.read_token = read_token
         self.allowed_hosts = allowed_hosts
         self.document = openapi_document(read_auth=read_token is not None)
-        self.views = ReadViews(cache, clients, fleet, token is not None, ready)
+        self.views = ReadViews(cache, clients, fleet, token is not None, ready, replicas)
         self.editor = OverlayEditor(fleet.overlay, fleet.source, debounce)
         self.edits = EditRoutes(self.editor, fleet)
 

@@ -22,7 +22,7 @@ from xds_server.admin.http import ApiError, json_response, read_json
 from xds_server.config.file_source import FileSource
 from xds_server.config.overlay import Overlay, endpoint_key
 from xds_server.config.reader import parse_endpoint
-from xds_server.config.state_file import OverlayState
+from xds_server.config.state_file import OverlayState, StaleOverlay
 from xds_server.config.types import UINT32_MAX, Endpoint, Pool, SnapshotError
 from xds_server.fleet import FleetView
 
@@ -103,6 +103,10 @@ class PoolState:
 Edit = Callable[[PoolState], Overlay]
 
 
+#: Tries of one change against concurrent changes by other replicas.
+_SAVE_ATTEMPTS = 5
+
+
 class OverlayEditor:
     """Serializes API changes: check, persist, put in force, publish (debounced)."""
 
@@ -124,21 +128,32 @@ class OverlayEditor:
         any publish still pending has gone out).
         """
         async with self._lock:
-            state = self._pool_state(pool)
-            changed = edit(state)
-            if changed != state.overlay:
+            for _ in range(_SAVE_ATTEMPTS):
+                state = self._pool_state(pool)
+                changed = edit(state)
+                if changed == state.overlay:
+                    publish = self._publish.settled()
+                    break
                 _check_weights(replace(state, overlay=changed))
                 try:
                     await self.state.save(changed)
+                except StaleOverlay:  # another replica changed it: apply ours to theirs
+                    await self._reload()
+                    continue
                 except OSError as err:
                     log.error("admin change not saved, nothing changed: %s", err)
-                    raise ApiError(
-                        503, f"cannot write the state file, nothing changed: {err}"
-                    ) from err
+                    raise ApiError(503, f"cannot store the change, nothing changed: {err}") from err
                 publish = self._publish()
+                break
             else:
-                publish = self._publish.settled()
+                raise ApiError(503, "the overlay kept changing under this request; retry")
         await publish
+
+    async def _reload(self) -> None:
+        try:
+            await self.state.load()
+        except OSError as err:
+            raise ApiError(503, f"cannot read the shared overlay, nothing changed: {err}") from err
 
     def close(self) -> None:
         self._publish.cancel()

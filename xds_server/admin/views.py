@@ -85,8 +85,10 @@ class ReadViews:
         fleet: FleetView,
         mutations: bool,
         ready: Callable[[], bool] = lambda: True,
+        replicas: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.ready = ready
+        self.replicas = replicas
         self.cache = cache
         self.clients = clients
         self.fleet = fleet
@@ -113,15 +115,20 @@ class ReadViews:
         return json_response({"ready": ready}, status=200 if ready else 503)
 
     async def healthz(self, _request: web.Request) -> web.Response:
-        return json_response(
-            {
-                "status": "ok",
-                "clients": len(self.clients),
-                "generation": self.cache.generation,
-                "snapshot": self._load_state(),
-                "mutations": "token" if self.mutations_enabled else "disabled",
-            }
-        )
+        """Alive (200) whenever it answers; with replicas, whether Redis is reachable: a
+        replica without it keeps serving the last known state, and says so here."""
+        body: dict[str, Any] = {
+            "status": "ok",
+            "clients": len(self.clients),
+            "generation": self.cache.generation,
+            "snapshot": self._load_state(),
+            "mutations": "token" if self.mutations_enabled else "disabled",
+        }
+        if self.replicas is not None:
+            body["redis"] = self.replicas()
+            if not body["redis"]["connected"]:
+                body["status"] = "degraded: Redis unreachable, serving the last known state"
+        return json_response(body)
 
     async def snapshot(self, _request: web.Request) -> web.Response:
         head = {

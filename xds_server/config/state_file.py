@@ -32,7 +32,14 @@ from lrs.weights.signals import PoolWeights
 from xds_server.config.overlay import Overlay
 from xds_server.config.types import Config
 
-__all__ = ["OverlayState", "SavedWeights", "StateFileError", "read_state", "write_state"]
+__all__ = [
+    "OverlayState",
+    "SavedWeights",
+    "StaleOverlay",
+    "StateFileError",
+    "read_state",
+    "write_state",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,11 @@ class SavedWeights:
 
     weights: PoolWeights
     published_at: float
+
+
+class StaleOverlay(Exception):
+    """The overlay was changed elsewhere (another replica) since it was read: read it
+    again and apply the change to what is there now."""
 
 
 class StateFileError(Exception):

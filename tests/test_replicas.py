@@ -1,0 +1,218 @@
+"""Replicas that agree: control planes sharing the overlay, load and weights through a real
+`redis-server` started here on a loopback port (Debian's package; .ci/run installs it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from envoy.config.endpoint.v3 import endpoint_pb2
+
+from tests.test_lrs_store import KV, endpoint, report
+from xds_lab.envoy_rig import free_port, local_settings
+from xds_lab.redis_server import RedisServer
+from xds_server.app import ControlPlane
+from xds_server.xds import typeurls
+
+A, B = "127.0.0.1:9001", "127.0.0.1:9002"
+TOKEN = "replica-test-token-0123456789abcdef"
+
+
+def _snapshot(path: Path) -> Path:
+    pool = {
+        "name": "llama",
+        "weighting": "orca",
+        "orca": {"blackout": 0, "push_interval": 0.1, "ewma_alpha": 1.0, "hysteresis": 0},
+        "endpoints": [
+            {"address": "127.0.0.1", "port": 9001},
+            {"address": "127.0.0.1", "port": 9002},
+        ],
+    }
+    document = {
+        "listeners": [{"name": "l", "port": 10000, "routes": [{"prefix": "/", "pool": "llama"}]}],
+        "pools": [pool],
+    }
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+class Fleet:
+    def __init__(self, folder: Path, redis: RedisServer) -> None:
+        self.snapshot = _snapshot(folder / "s.yaml")
+        self.token = folder / "token"
+        self.token.write_text(TOKEN)
+        self.redis = redis
+        self.planes: list[ControlPlane] = []
+
+    async def replica(self) -> ControlPlane:
+        settings = local_settings(
+            self.snapshot,
+            redis=self.redis.url,
+            lease_ttl=1.0,
+            lrs_interval=0.3,
+            admin_token_file=self.token,
+        )
+        plane = ControlPlane(settings)
+        await plane.start()
+        self.planes.append(plane)
+        return plane
+
+    async def stop(self, plane: ControlPlane) -> None:
+        self.planes.remove(plane)
+        await plane.stop(0)
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with RedisServer(tmp_path / "redis", free_port()) as server:
+        yield server
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Fleet]:
+    fleet = Fleet(tmp_path, redis)
+    try:
+        yield fleet
+    finally:
+        for plane in list(fleet.planes):
+            await plane.stop(0)
+
+
+def assignment(plane: ControlPlane) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The served EDS version and per endpoint (weight, health status)."""
+    resource = plane.cache.groups["default"].of_type(typeurls.ENDPOINT).resources["llama"]
+    cla = endpoint_pb2.ClusterLoadAssignment.FromString(resource.body)
+    served = {}
+    for locality in cla.endpoints:
+        for lb in locality.lb_endpoints:
+            address = lb.endpoint.address.socket_address
+            key = f"{address.address}:{address.port_value}"
+            served[key] = (lb.load_balancing_weight.value, lb.health_status)
+    return resource.version, served
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.005) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not reached in time"
+        await asyncio.sleep(step)
+    return time.monotonic() - started
+
+
+async def admin(plane: ControlPlane, method: str, path: str) -> int:
+    url = f"http://127.0.0.1:{plane.admin_port}{path}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, headers=headers) as response:
+            return response.status
+
+
+def report_load(plane: ControlPlane, reporter: str, kv_a: float, kv_b: float) -> None:
+    load = report(
+        "llama",
+        endpoint(A, ok=20, metrics={KV: (20, kv_a * 20)}),
+        endpoint(B, ok=20, metrics={KV: (20, kv_b * 20)}),
+    )
+    plane.store.ingest(reporter, load, time.monotonic())
+
+
+async def test_a_drain_through_one_replica_is_served_by_every_replica(fleet: Fleet):
+    first, second = await fleet.replica(), await fleet.replica()
+    assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{A}/drain") == 200
+    # Acknowledged only once stored; the other replica serves it within 100 ms.
+    took = await until(lambda: assignment(second)[1][A][1] == 3)  # HealthStatus DRAINING
+    assert took < 0.1, took
+    assert assignment(first) == assignment(second)
+    # A replica that starts later reads the overlay before it serves.
+    third = await fleet.replica()
+    assert assignment(third)[1][A][1] == 3
+
+
+async def test_one_leader_and_byte_identical_weights_from_the_fleet_wide_load(fleet: Fleet):
+    first, second = await fleet.replica(), await fleet.replica()
+    leaders = lambda: [p for p in fleet.planes if p.replication and p.replication.lease.holder]  # noqa: E731
+    await until(lambda: len(leaders()) == 1, timeout=5)
+    # Each replica hears its own Envoys: A looks full only to the first, B to the second.
+    deadline = time.monotonic() + 10
+    while True:
+        report_load(first, "envoy-1", 0.9, 0.1)
+        report_load(second, "envoy-2", 0.9, 0.1)
+        one, two = assignment(first), assignment(second)
+        if one == two and one[1][B][0] > 2 * one[1][A][0]:
+            break
+        assert time.monotonic() < deadline, (one, two)
+        await asyncio.sleep(0.2)
+    # Both replicas' views include both Envoys: the fleet-wide load.
+    for plane in (first, second):
+        replication = plane.replication
+        assert replication is not None
+
+        def both_envoys(replication=replication) -> bool:
+            report_load(first, "envoy-1", 0.9, 0.1)
+            report_load(second, "envoy-2", 0.9, 0.1)
+            return replication.load.loads("llama", time.monotonic())[A].reporters == 2
+
+        await until(both_envoys, timeout=5, step=0.1)
+
+
+async def test_the_leader_dies_and_another_keeps_the_weights_moving(fleet: Fleet):
+    for _ in range(2):
+        await fleet.replica()
+    await until(lambda: any(p.replication and p.replication.lease.holder for p in fleet.planes))
+    [leader] = [p for p in fleet.planes if p.replication and p.replication.lease.holder]
+    [other] = [p for p in fleet.planes if p is not leader]
+    await fleet.stop(leader)  # released: the other takes over at once (a crash: within the TTL)
+    took = await until(lambda: other.replication is not None and other.replication.lease.holder)
+    assert took < 3.0
+    deadline = time.monotonic() + 10
+    while True:  # weights still follow the load, now computed by the other replica
+        report_load(other, "envoy-2", 0.1, 0.9)
+        served = assignment(other)[1]
+        if served[A][0] > 2 * served[B][0]:
+            break
+        assert time.monotonic() < deadline, served
+        await asyncio.sleep(0.2)
+
+
+async def test_restarting_every_replica_keeps_drains_and_weights(fleet: Fleet):
+    first = await fleet.replica()
+    assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{B}/drain") == 200
+    deadline = time.monotonic() + 10
+    while True:
+        report_load(first, "envoy-1", 0.1, 0.9)
+        version, served = assignment(first)
+        if served[A][0] > 2 * served[B][0]:
+            break
+        assert time.monotonic() < deadline, served
+        await asyncio.sleep(0.2)
+    await fleet.stop(first)
+    again = await fleet.replica()
+    assert assignment(again) == (version, served)  # same weights, same drain, same bytes
+
+
+async def test_redis_going_away_freezes_weights_refuses_changes_and_resyncs(
+    fleet: Fleet, redis: RedisServer, tmp_path: Path
+):
+    first, second = await fleet.replica(), await fleet.replica()
+    before = assignment(first)
+    await redis.stop()
+    await until(lambda: first.replication is not None and not first.replication.link.connected)
+    # Changes are refused with 503 and nothing changes; serving goes on as it was.
+    assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{A}/drain") == 503
+    report_load(first, "envoy-1", 0.9, 0.1)
+    await asyncio.sleep(0.5)
+    assert assignment(first) == before and assignment(second) == before  # frozen, not reset
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{first.admin_port}/healthz") as response:
+            health = await response.json()
+    assert health["redis"]["connected"] is False and "Redis" in health["status"]
+    await redis.start()  # an empty Redis (no persistence): replicas write their state again
+    await until(lambda: first.replication is not None and first.replication.link.connected)
+    assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{A}/drain") == 200
+    await until(lambda: assignment(second)[1][A][1] == 3)
+    assert assignment(first)[1][A] == assignment(second)[1][A]
