@@ -5,7 +5,9 @@ written with a compare-and-set on that version (a Lua script: two replicas editi
 once cannot lose either edit; the loser re-reads and applies its edit again), then
 announced on the event channel; every replica re-reads it and publishes its config,
 within milliseconds. The caller is answered only after Redis stored it. A replica that
-starts, or whose connection comes back, reads the current overlay before it serves it.
+starts, or whose connection comes back, reads the current overlay before it serves it;
+one that finds Redis empty after it returns (restarted without persistence) writes the
+overlay in force back instead of lifting every drain.
 """
 
 from __future__ import annotations
@@ -58,7 +60,16 @@ class SharedOverlayState(OverlayState):
             overlay = Overlay.from_json(json.loads(document)) if document else Overlay()
         except ValueError as err:
             raise SharedStoreError(f"the overlay in Redis is corrupt: {err}") from err
+        mine, known = self.overlay, self.version
         self.overlay, self.version = overlay, int(version or 0)
+        if self.version == 0 and known > 0 and mine != Overlay():
+            # Redis came back empty (restarted without persistence): the overlay in force
+            # here is the fleet's last known one. Seed it back rather than lift every drain.
+            log.warning("Redis holds no overlay: writing back the one in force here")
+            try:
+                await self.save(mine)
+            except StaleOverlay:  # another replica seeded it first: take theirs
+                await self.load()
 
     async def save(self, overlay: Overlay) -> None:
         """Store, then put in force. StaleOverlay when another replica changed it first;

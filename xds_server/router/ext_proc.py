@@ -29,6 +29,8 @@ event loop, which serves xDS and LRS too, is not held up (router.body.ModelReade
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -66,6 +68,9 @@ UNKNOWN_LISTENER: Final = "unknown_listener"
 UNEXPECTED_MESSAGE: Final = "unexpected_message"
 #: Longest part of a client's model name quoted back in an error.
 _QUOTE_LIMIT: Final = 100
+#: Longest a request waits for the router's first config (Envoy gives up after its own
+#: message timeout, 1 s by default, and that cancels the wait).
+_FIRST_CONFIG_WAIT: Final = 5.0
 
 
 class RouterMetrics:
@@ -214,12 +219,14 @@ class BodyRouter:
         self.metrics = RouterMetrics(self.registry)
         self.routes: Mapping[str, ListenerRoutes] = {}
         self.reader = reader or ModelReader()
+        self._configured = asyncio.Event()
 
     def update(self, config: Config) -> None:
         """Route by the body-routing listeners of `config` from now on."""
         self.routes = {
             x.name: ListenerRoutes.of(x, self.metrics) for x in config.listeners if x.body_routing
         }
+        self._configured.set()
 
     def answer(self, listener: str, body: bytes) -> bytes:
         """The answer to a request body that arrived on `listener` (a serialized response),
@@ -230,8 +237,18 @@ class BodyRouter:
         return routes.answer(body)
 
     async def answer_off_loop(self, listener: str, body: bytes) -> bytes:
-        """`answer`, with a big body parsed off the event loop (ModelReader)."""
+        """`answer`, with a big body parsed off the event loop (ModelReader).
+
+        Before its first config the router waits for it: the control plane's own router listens
+        before the plane has loaded its file (so that the file's config can name the router's
+        port), and after a restart Envoy's requests reach it in that moment.
+        """
         routes = self.routes.get(listener)
+        if routes is None and not self._configured.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FIRST_CONFIG_WAIT):
+                    await self._configured.wait()
+            routes = self.routes.get(listener)
         if routes is None:
             return self._unknown_listener(listener)
         try:
