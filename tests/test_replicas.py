@@ -14,8 +14,9 @@ import yaml
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from tests.test_lrs_store import KV, endpoint, report
-from xds_lab.envoy_rig import free_port, local_settings
+from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_lab.redis_server import RedisServer
+from xds_lab.upstream import Upstream
 from xds_server.app import ControlPlane
 from xds_server.xds import typeurls
 
@@ -221,3 +222,50 @@ async def test_redis_going_away_freezes_weights_refuses_changes_and_resyncs(
     # ...and changes go through again, to every replica.
     assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{B}/undrain") == 200
     await until(lambda: assignment(second)[1][B][1] == 0)
+
+
+@pytest.mark.envoy
+async def test_a_drain_through_one_replica_moves_traffic_through_an_envoy_on_another(
+    tmp_path: Path, redis: RedisServer
+):
+    """Two real upstreams, an Envoy connected to replica B only; the drain goes to A."""
+    listener_port = free_port()
+    async with Upstream("u1") as u1, Upstream("u2") as u2:
+        pool = {
+            "name": "p",
+            "endpoints": [
+                {"address": "127.0.0.1", "port": u1.port},
+                {"address": "127.0.0.1", "port": u2.port},
+            ],
+        }
+        path = tmp_path / "envoy-snapshot.yaml"
+        path.write_text(yaml.safe_dump(one_pool_snapshot(listener_port, pool)))
+        token = tmp_path / "token"
+        token.write_text(TOKEN)
+        settings = {"redis": redis.url, "lease_ttl": 1.0, "admin_token_file": token}
+        replica_a = ControlPlane(local_settings(path, **settings))
+        await replica_a.start()
+        try:
+            rig = PlaneWithEnvoy(local_settings(path, **settings), tmp_path, "envoy-on-b")
+            async with rig, aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{listener_port}/v1/models"
+
+                async def served_by() -> set[str]:
+                    names = set()
+                    for _ in range(20):
+                        async with session.get(url) as response:
+                            assert response.status == 200
+                            names.add(response.headers["x-upstream"])
+                    return names
+
+                assert await served_by() == {"u1", "u2"}
+                key = f"127.0.0.1:{u1.port}"
+                assert (
+                    await admin(replica_a, "POST", f"/api/v1/pools/p/endpoints/{key}/drain") == 200
+                )
+                deadline = time.monotonic() + 5
+                while await served_by() != {"u2"}:  # Envoy on B stops sending to u1
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+        finally:
+            await replica_a.stop(0)
