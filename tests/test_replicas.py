@@ -269,3 +269,22 @@ async def test_a_drain_through_one_replica_moves_traffic_through_an_envoy_on_ano
                     await asyncio.sleep(0.05)
         finally:
             await replica_a.stop(0)
+
+
+async def test_a_crashed_leader_is_replaced_within_the_lease_time(fleet: Fleet):
+    """No release: the leader just stops renewing (as a killed process does)."""
+    for _ in range(2):
+        await fleet.replica()
+    await until(lambda: any(p.replication and p.replication.lease.holder for p in fleet.planes))
+    [leader] = [p for p in fleet.planes if p.replication and p.replication.lease.holder]
+    [other] = [p for p in fleet.planes if p is not leader]
+    assert leader.replication is not None and other.replication is not None
+    for task in leader.replication._tasks:  # its lease, writer and load exchange stop
+        task.cancel()
+    took = await until(lambda: other.replication is not None and other.replication.lease.holder)
+    assert took < 1.0 + 1.0 / 3 + 0.5  # the TTL, one attempt, slack
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{other.admin_port}/metrics") as response:
+            metrics = await response.text()
+    assert "xds_replica_leader 1.0" in metrics and "xds_redis_connected 1.0" in metrics
+    assert "xds_replica_elections_total 1.0" in metrics

@@ -145,6 +145,8 @@ class ControlPlane:
         self.engine = WeightEngine(loads, self._publish_weights, settings.weight_tick)
         self.metrics.observe_control_loop(self.lrs, self.engine)
         self.metrics.observe_trust(self.admission, self.lrs, lambda: self.tls)
+        if self.replication is not None:
+            self.metrics.observe_replicas(self.replication)
         self.publisher.on_config.append(self._follow_config)
         self.observe_load(lambda pool: loads(pool, time.monotonic()), lambda: self.store.reports)
         self._engine_task: asyncio.Task[None] | None = None

@@ -16,10 +16,11 @@ from prometheus_client.registry import Collector
 from lrs.load_reporting_service import LoadReportingService
 from lrs.weights.engine import WeightEngine
 from xds_server.admission import Admission
+from xds_server.replicas.replication import Replication
 from xds_server.tls import ServerTls
 from xds_server.xds.clients import ClientRegistry
 
-__all__ = ["ControlLoopCollector", "TrustCollector"]
+__all__ = ["ControlLoopCollector", "ReplicaCollector", "TrustCollector"]
 
 
 class TrustCollector(Collector):
@@ -123,3 +124,45 @@ class ControlLoopCollector(Collector):
             "weight engine rounds that failed",
             value=self.engine.step_errors,
         )
+
+
+class ReplicaCollector(Collector):
+    """Replicas sharing state through Redis: is Redis there, who leads, what it costs."""
+
+    def __init__(self, replication: Replication) -> None:
+        self.replication = replication
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.replication
+        yield GaugeMetricFamily(
+            "xds_redis_connected",
+            "1 while Redis is reachable; 0: serving the last known overlay and weights",
+            value=1 if r.link.connected else 0,
+        )
+        yield CounterMetricFamily(
+            "xds_redis_failures",
+            "Redis commands that failed because Redis was unreachable",
+            value=r.link.failures,
+        )
+        yield GaugeMetricFamily(
+            "xds_replica_leader", "1 while this replica computes weights", value=int(r.lease.holder)
+        )
+        yield CounterMetricFamily(
+            "xds_replica_elections", "times this replica took the lease", value=r.lease.elections
+        )
+        yield CounterMetricFamily(
+            "xds_replica_fenced_writes",
+            "weight writes refused because this replica's lease had moved on",
+            value=r.weights.refused,
+        )
+        yield GaugeMetricFamily(
+            "xds_replicas", "replicas publishing load (this one included)", value=r.load.replicas
+        )
+        traffic = CounterMetricFamily(
+            "xds_replica_load_bytes",
+            "bytes of load windows written to and read from Redis",
+            labels=("direction",),
+        )
+        traffic.add_metric(["written"], r.load.bytes_written)
+        traffic.add_metric(["read"], r.load.bytes_read)
+        yield traffic

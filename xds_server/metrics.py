@@ -29,8 +29,9 @@ from lrs.weights.engine import WeightEngine
 from xds_server.admission import Admission
 from xds_server.config.file_source import FileSource
 from xds_server.config.types import Pool
-from xds_server.control_metrics import ControlLoopCollector, TrustCollector
+from xds_server.control_metrics import ControlLoopCollector, ReplicaCollector, TrustCollector
 from xds_server.fleet import FleetView
+from xds_server.replicas.replication import Replication
 from xds_server.tls import ServerTls
 from xds_server.xds import typeurls
 from xds_server.xds.cache import ResourceCache, Subscriber
@@ -393,6 +394,9 @@ class Metrics:
 
     def observe_control_loop(self, lrs: LoadReportingService, engine: WeightEngine) -> None:
         self.registry.register(ControlLoopCollector(lrs, engine))
+
+    def observe_replicas(self, replication: Replication) -> None:
+        self.registry.register(ReplicaCollector(replication))
 
     def observe_trust(
         self,
