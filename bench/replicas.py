@@ -559,18 +559,21 @@ class Rig:
             await response.read()
             return response.status
 
-    async def stop_replica(self, replica: Replica, sig: int = signal.SIGTERM) -> None:
-        """Signal this replica (by its PID) and reap it; SIGKILL if it outlives its drain."""
+    async def stop_replica(self, replica: Replica) -> None:
+        """SIGTERM this replica (by its PID) and reap it."""
+        if replica.proc.returncode is None:
+            os.kill(replica.pid, signal.SIGTERM)
+        await self.reap(replica)
+
+    async def reap(self, replica: Replica) -> None:
+        """Wait for a signalled replica to exit (SIGKILL if it outlives its drain period)."""
         if replica in self.replicas:
             self.replicas.remove(replica)
-        proc = replica.proc
-        if proc.returncode is None:
-            os.kill(proc.pid, sig)
-            try:
-                await asyncio.wait_for(proc.wait(), self.args.drain_period + 15)
-            except TimeoutError:
-                os.kill(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        try:
+            await asyncio.wait_for(replica.proc.wait(), self.args.drain_period + 15)
+        except TimeoutError:
+            os.kill(replica.pid, signal.SIGKILL)
+            await replica.proc.wait()
 
 
 # --- Redis's view ----------------------------------------------------------------------
@@ -874,21 +877,34 @@ async def ingest_phase(rig: Rig, args: argparse.Namespace) -> list[dict[str, Any
 
 
 async def failover(rig: Rig, kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Signal the lease holder (by PID) and poll the others' /healthz until one leads; then
-    reap it and start a replacement, so the next failover again has every replica."""
+    """Signal the lease holder (by PID) and poll every replica's /healthz until another one
+    leads; then reap it and start a replacement, so the next failover again has every
+    replica. After SIGTERM the old one answers through its drain period: the polls also
+    say when it stopped leading and whether it led again meanwhile."""
     leader = await wait_leader(rig)
     others = [r for r in rig.replicas if r is not leader]
     sig = signal.SIGKILL if kind == "kill" else signal.SIGTERM
     start = time.monotonic()
     os.kill(leader.pid, sig)
     polls = 0
-    while not (found := await rig.leaders(others)):
+    old_stepped_down = old_led_again = None
+    while True:
+        healths = await asyncio.gather(*(rig.health(r) for r in [leader, *others]))
+        at = time.monotonic() - start
         polls += 1
-        if time.monotonic() - start > PHASE_TIMEOUT:
+        old, *rest = healths
+        if old is not None and kind == "term":
+            if not old["redis"]["leader"] and old_stepped_down is None:
+                old_stepped_down = at
+            elif old["redis"]["leader"] and old_stepped_down is not None and not old_led_again:
+                old_led_again = at
+        found = [r for r, h in zip(others, rest, strict=True) if h and h["redis"]["leader"]]
+        if found:
+            break
+        if at > PHASE_TIMEOUT:
             raise TimeoutError(f"no new leader {PHASE_TIMEOUT:g} s after {kind}")
         await asyncio.sleep(LEADER_POLL)
-    took = time.monotonic() - start
-    await rig.stop_replica(leader)  # already signalled: this reaps it
+    await rig.reap(leader)
     exited = time.monotonic() - start
     starting = time.monotonic()
     replacement = await rig.start_replica()
@@ -897,8 +913,10 @@ async def failover(rig: Rig, kind: str, args: argparse.Namespace) -> dict[str, A
         "old": leader.name,
         "new": found[0].name,
         "leaders_seen": len(found),
-        "to_new_leader_s": took,
+        "to_new_leader_s": at,
         "polls": polls,
+        "old_stepped_down_s": old_stepped_down,
+        "old_led_again_s": old_led_again,
         "old_exited_s": exited,
         "replacement": replacement.name,
         "replacement_ready_s": time.monotonic() - starting,
@@ -1082,6 +1100,12 @@ def report(out: dict[str, Any]) -> str:
             f"after {f['to_new_leader_s']:.2f} s (old process gone at {f['old_exited_s']:.2f} s; "
             f"replacement {f['replacement']} ready in {f['replacement_ready_s']:.1f} s)"
         )
+        if f["kind"] == "term" and f["old_stepped_down_s"] is not None:
+            again = f["old_led_again_s"]
+            lines.append(
+                f"     {f['old']} stopped leading at {f['old_stepped_down_s']:.2f} s"
+                + (f", then led again at {again:.2f} s, during its drain" if again else "")
+            )
     lines.append("")
 
     st = out["steady"]

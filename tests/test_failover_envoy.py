@@ -1,9 +1,10 @@
 """An Envoy bootstrapped with several control-plane replicas survives losing the one it uses.
 
-Two ControlPlanes serve the same snapshot file; a real Envoy 1.40 has both in its xDS
-cluster. The replica it is connected to drains and stops under traffic: the Envoy
-reconnects to the other, is in sync again within 2 s, and no request through it fails
-(Envoy keeps serving its last config while it has no control plane).
+Two ControlPlanes serve the same snapshot file, alone or as replicas sharing a real
+Redis; a real Envoy 1.40 has both in its xDS cluster. The replica it is connected to
+drains and stops under traffic: the Envoy reconnects to the other, is in sync again
+within 2 s, and no request through it fails (Envoy keeps serving its last config while
+it has no control plane).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import yaml
 
 from xds_lab.envoy_process import EnvoyProcess
 from xds_lab.envoy_rig import free_port, local_settings, node_in_sync, one_pool_snapshot
+from xds_lab.redis_server import RedisServer
 from xds_lab.upstream import Upstream
 from xds_server.app import ControlPlane
 from xds_server.bootstrap import envoy_bootstrap
@@ -26,13 +28,20 @@ NODE = "envoy-failover"
 
 
 @pytest.mark.envoy
-async def test_envoy_moves_to_another_replica_without_failing_a_request(tmp_path: Path):
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "redis"])
+async def test_envoy_moves_to_another_replica_without_failing_a_request(
+    tmp_path: Path, shared: bool
+):
     listener_port = free_port()
+    redis = RedisServer(tmp_path / "redis", free_port())
+    if shared:
+        await redis.start()
     async with Upstream("u1") as upstream:
         pool = {"name": "p", "endpoints": [{"address": "127.0.0.1", "port": upstream.port}]}
         path = tmp_path / "s.yaml"
         path.write_text(yaml.safe_dump(one_pool_snapshot(listener_port, pool)))
-        planes = [ControlPlane(local_settings(path)) for _ in range(2)]
+        settings = {"redis": redis.url, "lease_ttl": 1.0} if shared else {}
+        planes = [ControlPlane(local_settings(path, **settings)) for _ in range(2)]
         for plane in planes:
             await plane.start()
         try:
@@ -71,3 +80,4 @@ async def test_envoy_moves_to_another_replica_without_failing_a_request(tmp_path
         finally:
             for plane in planes:
                 await plane.stop(0)
+            await redis.stop()

@@ -138,11 +138,12 @@ async def test_one_leader_and_byte_identical_weights_from_the_fleet_wide_load(fl
     first, second = await fleet.replica(), await fleet.replica()
     leaders = lambda: [p for p in fleet.planes if p.replication and p.replication.lease.holder]  # noqa: E731
     await until(lambda: len(leaders()) == 1, timeout=5)
-    # Each replica hears its own Envoys: A looks full only to the first, B to the second.
+    # Each replica hears its own Envoys, which see the servers unevenly loaded (A fuller
+    # through the first replica's Envoy); both replicas serve the same table all along.
     deadline = time.monotonic() + 10
     while True:
-        report_load(first, "envoy-1", 0.9, 0.1)
-        report_load(second, "envoy-2", 0.9, 0.1)
+        report_load(first, "envoy-1", 0.95, 0.05)
+        report_load(second, "envoy-2", 0.7, 0.2)
         one, two = assignment(first), assignment(second)
         if one == two and one[1][B][0] > 2 * one[1][A][0]:
             break
