@@ -11,40 +11,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from envoy.config.endpoint.v3 import endpoint_pb2
 
-from tests.test_lrs_store import KV, endpoint, report
+from tests.weights_rig import A, B, llama_snapshot, report_load, served
 from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_lab.redis_server import RedisServer
 from xds_lab.upstream import Upstream
 from xds_server.app import ControlPlane
-from xds_server.xds import typeurls
 
-A, B = "127.0.0.1:9001", "127.0.0.1:9002"
 TOKEN = "replica-test-token-0123456789abcdef"
-
-
-def _snapshot(path: Path) -> Path:
-    pool = {
-        "name": "llama",
-        "weighting": "orca",
-        "orca": {"blackout": 0, "push_interval": 0.1, "ewma_alpha": 1.0, "hysteresis": 0},
-        "endpoints": [
-            {"address": "127.0.0.1", "port": 9001},
-            {"address": "127.0.0.1", "port": 9002},
-        ],
-    }
-    document = {
-        "listeners": [{"name": "l", "port": 10000, "routes": [{"prefix": "/", "pool": "llama"}]}],
-        "pools": [pool],
-    }
-    path.write_text(yaml.safe_dump(document))
-    return path
 
 
 class Fleet:
     def __init__(self, folder: Path, redis: RedisServer) -> None:
-        self.snapshot = _snapshot(folder / "s.yaml")
+        self.snapshot = llama_snapshot(folder / "s.yaml")
         self.token = folder / "token"
         self.token.write_text(TOKEN)
         self.redis = redis
@@ -84,19 +63,6 @@ async def fleet(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Fleet]:
             await plane.stop(0)
 
 
-def assignment(plane: ControlPlane) -> tuple[str, dict[str, tuple[int, int]]]:
-    """The served EDS version and per endpoint (weight, health status)."""
-    resource = plane.cache.groups["default"].of_type(typeurls.ENDPOINT).resources["llama"]
-    cla = endpoint_pb2.ClusterLoadAssignment.FromString(resource.body)
-    served = {}
-    for locality in cla.endpoints:
-        for lb in locality.lb_endpoints:
-            address = lb.endpoint.address.socket_address
-            key = f"{address.address}:{address.port_value}"
-            served[key] = (lb.load_balancing_weight.value, lb.health_status)
-    return resource.version, served
-
-
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.005) -> float:
     started = time.monotonic()
     while not predicate():
@@ -113,25 +79,16 @@ async def admin(plane: ControlPlane, method: str, path: str) -> int:
             return response.status
 
 
-def report_load(plane: ControlPlane, reporter: str, kv_a: float, kv_b: float) -> None:
-    load = report(
-        "llama",
-        endpoint(A, ok=20, metrics={KV: (20, kv_a * 20)}),
-        endpoint(B, ok=20, metrics={KV: (20, kv_b * 20)}),
-    )
-    plane.store.ingest(reporter, load, time.monotonic())
-
-
 async def test_a_drain_through_one_replica_is_served_by_every_replica(fleet: Fleet):
     first, second = await fleet.replica(), await fleet.replica()
     assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{A}/drain") == 200
     # Acknowledged only once stored; the other replica serves it within 100 ms.
-    took = await until(lambda: assignment(second)[1][A][1] == 3)  # HealthStatus DRAINING
+    took = await until(lambda: served(second)[1][A][1] == 3)  # HealthStatus DRAINING
     assert took < 0.1, took
-    assert assignment(first) == assignment(second)
+    assert served(first) == served(second)
     # A replica that starts later reads the overlay before it serves.
     third = await fleet.replica()
-    assert assignment(third)[1][A][1] == 3
+    assert served(third)[1][A][1] == 3
 
 
 async def test_one_leader_and_byte_identical_weights_from_the_fleet_wide_load(fleet: Fleet):
@@ -144,7 +101,7 @@ async def test_one_leader_and_byte_identical_weights_from_the_fleet_wide_load(fl
     while True:
         report_load(first, "envoy-1", 0.95, 0.05)
         report_load(second, "envoy-2", 0.7, 0.2)
-        one, two = assignment(first), assignment(second)
+        one, two = served(first), served(second)
         if one == two and one[1][B][0] > 2 * one[1][A][0]:
             break
         assert time.monotonic() < deadline, (one, two)
@@ -174,10 +131,10 @@ async def test_the_leader_dies_and_another_keeps_the_weights_moving(fleet: Fleet
     deadline = time.monotonic() + 10
     while True:  # weights still follow the load, now computed by the other replica
         report_load(other, "envoy-2", 0.1, 0.9)
-        served = assignment(other)[1]
-        if served[A][0] > 2 * served[B][0]:
+        now = served(other)[1]
+        if now[A][0] > 2 * now[B][0]:
             break
-        assert time.monotonic() < deadline, served
+        assert time.monotonic() < deadline, now
         await asyncio.sleep(0.2)
 
 
@@ -187,14 +144,14 @@ async def test_restarting_every_replica_keeps_drains_and_weights(fleet: Fleet):
     deadline = time.monotonic() + 10
     while True:
         report_load(first, "envoy-1", 0.1, 0.9)
-        version, served = assignment(first)
-        if served[A][0] > 2 * served[B][0]:
+        version, now = served(first)
+        if now[A][0] > 2 * now[B][0]:
             break
-        assert time.monotonic() < deadline, served
+        assert time.monotonic() < deadline, now
         await asyncio.sleep(0.2)
     await fleet.stop(first)
     again = await fleet.replica()
-    assert assignment(again) == (version, served)  # same weights, same drain, same bytes
+    assert served(again) == (version, now)  # same weights, same drain, same bytes
 
 
 async def test_redis_going_away_freezes_weights_refuses_changes_and_resyncs(
@@ -202,15 +159,15 @@ async def test_redis_going_away_freezes_weights_refuses_changes_and_resyncs(
 ):
     first, second = await fleet.replica(), await fleet.replica()
     assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{B}/drain") == 200
-    await until(lambda: assignment(second)[1][B][1] == 3)
-    before = assignment(first)
+    await until(lambda: served(second)[1][B][1] == 3)
+    before = served(first)
     await redis.stop()
     await until(lambda: first.replication is not None and not first.replication.link.connected)
     # Changes are refused with 503 and nothing changes; serving goes on as it was.
     assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{B}/undrain") == 503
     report_load(first, "envoy-1", 0.9, 0.1)
     await asyncio.sleep(0.5)
-    assert assignment(first) == before and assignment(second) == before  # frozen, not reset
+    assert served(first) == before and served(second) == before  # frozen, not reset
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{first.admin_port}/healthz") as response:
             health = await response.json()
@@ -219,10 +176,10 @@ async def test_redis_going_away_freezes_weights_refuses_changes_and_resyncs(
     await until(lambda: first.replication is not None and first.replication.link.connected)
     await until(lambda: first.replication is not None and first.replication.overlay.version > 0)
     # The drain made before Redis went away survived its empty restart...
-    assert assignment(first)[1][B][1] == 3 and assignment(second)[1][B][1] == 3
+    assert served(first)[1][B][1] == 3 and served(second)[1][B][1] == 3
     # ...and changes go through again, to every replica.
     assert await admin(first, "POST", f"/api/v1/pools/llama/endpoints/{B}/undrain") == 200
-    await until(lambda: assignment(second)[1][B][1] == 0)
+    await until(lambda: served(second)[1][B][1] == 0)
 
 
 @pytest.mark.envoy
