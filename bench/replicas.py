@@ -20,8 +20,9 @@ are copies of this script in processes of their own (`--role ads`, `--role lrs`)
 over stdin/stdout with one JSON line per command; times are CLOCK_MONOTONIC, shared by all
 processes. JSON goes to bench/results/replicas.json unless --json says elsewhere.
 
-    .venv/bin/python bench/replicas.py                          # ~4 min on 2 cores
-    .venv/bin/python bench/replicas.py --steady-seconds 15 --clients 300 --reporters 60
+    .venv/bin/python bench/replicas.py                          # ~4.5 min on 2 cores
+    .venv/bin/python bench/replicas.py --steady-seconds 15 --ingest-rounds 1 --failovers 1
+    .venv/bin/python bench/replicas.py --phases drains,failover
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ SCRIPT = str(Path(__file__).resolve())
 TOKEN = "bench-replicas-admin-token-0123456789abcdef"
 #: Per-client limits lifted on every replica: all clients share 127.0.0.1.
 LIMIT_FLAGS = ("max_streams", "max_streams_per_peer", "admission_rate", "admission_burst")
+PHASES = ("steady", "drains", "ingest", "failover")
 START_TIMEOUT = 60.0
 PHASE_TIMEOUT = 60.0
 #: How often /healthz is polled while waiting for a new leader.
 LEADER_POLL = 0.01
 DRAINING = health_check_pb2.HealthStatus.DRAINING
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-KB, MB = 1000, 1000 * 1000
+KB = 1000
 
 
 # --- the fleet the replicas serve ------------------------------------------------------
@@ -132,6 +134,10 @@ class Child:
         self.proc = proc
         self.hello = hello
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     @classmethod
     async def start(cls, role: str, *extra: str) -> Child:
         pipe = asyncio.subprocess.PIPE
@@ -166,6 +172,41 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every CPU since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+class CpuMeter:
+    """CPU shares (cores) over a window: each group of processes, this process, and the
+    whole machine (so a saturated machine shows)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        busy, total = machine_ticks()
+        read = {"at": time.monotonic(), "busy": busy, "total": total}
+        read["bench"] = time.process_time()
+        for name, pids in self.groups.items():
+            read[name] = sum(cpu_seconds(pid) for pid in pids)
+        return read
+
+    def shares(self) -> dict[str, float]:
+        end = self._read()
+        wall = end["at"] - self.start["at"]
+        out = {name: (end[name] - self.start[name]) / wall for name in (*self.groups, "bench")}
+        cpus = os.cpu_count() or 1
+        out["machine"] = (
+            cpus * (end["busy"] - self.start["busy"]) / (end["total"] - self.start["total"])
+        )
+        return out
 
 
 # --- ADS clients (role "ads") -----------------------------------------------------------
@@ -474,6 +515,7 @@ class Rig:
     redis: RedisServer
     session: aiohttp.ClientSession
     replicas: list[Replica] = field(default_factory=list)
+    ads: list[Child] = field(default_factory=list)
     names: list[str] = field(default_factory=lambda: list(string.ascii_uppercase))
 
     @property
@@ -509,6 +551,13 @@ class Rig:
                 raise TimeoutError(f"replica {name} not ready in {START_TIMEOUT:g} s")
             await asyncio.sleep(0.05)
         return replica
+
+    def meter(self, reporters: list[Child]) -> CpuMeter:
+        """CPU of each replica, the ADS client processes, the reporters, the machine."""
+        groups = {r.name: [r.pid] for r in self.replicas}
+        groups["ads"] = [c.pid for c in self.ads]
+        groups["reporters"] = [c.pid for c in reporters]
+        return CpuMeter(groups)
 
     async def answers(self, replica: Replica, path: str) -> bool:
         try:
@@ -605,14 +654,16 @@ def command_calls(info: dict[str, str]) -> dict[str, tuple[int, int]]:
     return calls
 
 
-async def redis_window(rig: Rig, seconds: float, sample_every: float = 5.0) -> dict[str, Any]:
-    """INFO deltas over `seconds` (replicas' CPU too), sampling instantaneous ops meanwhile."""
+async def redis_window(
+    rig: Rig, seconds: float, reporters: list[Child], sample_every: float = 5.0
+) -> dict[str, Any]:
+    """INFO deltas over `seconds` (CPU too), sampling instantaneous ops meanwhile."""
     port = rig.redis.port
     sections = ("stats", "commandstats", "cpu", "clients")
     replicas = list(rig.replicas)
+    metrics_before = await sample(rig, replicas)
     before = await redis_info(port, *sections)
-    cpu_before = {r.name: cpu_seconds(r.pid) for r in replicas}
-    metrics_before = {r.name: await rig.metrics(r) for r in replicas}
+    meter = rig.meter(reporters)
     start = time.monotonic()
     samples: list[dict[str, float]] = []
     while (left := start + seconds - time.monotonic()) > 0:
@@ -626,9 +677,9 @@ async def redis_window(rig: Rig, seconds: float, sample_every: float = 5.0) -> d
             }
         )
     wall = time.monotonic() - start
-    cpu_after = {r.name: cpu_seconds(r.pid) for r in replicas}
+    cpu = meter.shares()
     after = await redis_info(port, *sections)
-    metrics_after = {r.name: await rig.metrics(r) for r in replicas}
+    metrics_after = await sample(rig, replicas)
     n = len(replicas)
 
     def delta(key: str) -> float:
@@ -644,7 +695,11 @@ async def redis_window(rig: Rig, seconds: float, sample_every: float = 5.0) -> d
                 "per_s_per_replica": (calls - was_calls) / wall / n,
                 "redis_usec_per_s": (usec - was_usec) / wall,
             }
+    polls = calls_after.get("info", (0, 0))[0] - calls_before.get("info", (0, 0))[0]
+    processed = delta("total_commands_processed") - polls  # without the bench's own INFO
     redis_cpu = delta("used_cpu_sys") + delta("used_cpu_user")
+    ours = sum(v for k, v in cpu.items() if k != "machine") + redis_cpu / wall
+    cpu["others"] = max(0.0, cpu["machine"] - ours)
     return {
         "seconds": wall,
         "replicas": n,
@@ -652,21 +707,21 @@ async def redis_window(rig: Rig, seconds: float, sample_every: float = 5.0) -> d
         "net_output_bytes_per_s": delta("total_net_output_bytes") / wall,
         "net_input_bytes_per_s_per_replica": delta("total_net_input_bytes") / wall / n,
         "net_output_bytes_per_s_per_replica": delta("total_net_output_bytes") / wall / n,
-        "commands_per_s": delta("total_commands_processed") / wall,
-        "commands_per_s_per_replica": delta("total_commands_processed") / wall / n,
+        "commands_per_s": processed / wall,
+        "commands_per_s_per_replica": processed / wall / n,
         "instantaneous_ops_median": statistics.median(s["ops"] for s in samples),
         "instantaneous_input_kbps_median": statistics.median(s["input_kbps"] for s in samples),
         "instantaneous_output_kbps_median": statistics.median(s["output_kbps"] for s in samples),
         "redis_cpu_share": redis_cpu / wall,
         "connected_clients": int(after["connected_clients"]),
         "commands": commands,
-        "replica_cpu_share": {
-            name: (cpu_after[name] - cpu_before[name]) / wall for name in cpu_after
-        },
+        "replica_cpu_share": {r.name: cpu[r.name] for r in replicas},
+        "cpu_share": cpu,
         "load_window_bytes_per_s": {
             name: {
-                "written": (metrics_after[name]["load_written"] - m["load_written"]) / wall,
-                "read": (metrics_after[name]["load_read"] - m["load_read"]) / wall,
+                key: (metrics_after[name][f"load_{key}"] - m[f"load_{key}"])
+                / (metrics_after[name]["at"] - m["at"])  # each replica's own scrape times
+                for key in ("written", "read")
             }
             for name, m in metrics_before.items()
         },
@@ -743,11 +798,13 @@ def spread_ms(times: list[float], start: float) -> dict[str, float]:
 
 
 async def drain_phase(
-    rig: Rig, ads: list[Child], names: list[str], args: argparse.Namespace
+    rig: Rig, names: list[str], reporters: list[Child], args: argparse.Namespace
 ) -> dict[str, Any]:
     """Drain (then undrain) an endpoint through replica A, `--drains` times; each client
     records when the EDS response with the new state arrives."""
+    ads = rig.ads
     through = rig.replicas[0]
+    meter = rig.meter(reporters)
     runs = []
     for i in range(args.drains):
         pool, key = pool_name((i * 37) % args.pools), endpoint_key((i * 37) % args.pools, i)
@@ -799,7 +856,9 @@ async def drain_phase(
             name: statistics.median(r["per_replica"][name]["first_ms"] for r in mine)
             for name in mine[0]["per_replica"]
         }
-    return {"through": through.name, "summary": summary, "runs": runs}
+    cpu = meter.shares()
+    cpu["others"] = max(0.0, cpu["machine"] - sum(v for k, v in cpu.items() if k != "machine"))
+    return {"through": through.name, "summary": summary, "runs": runs, "cpu_share": cpu}
 
 
 async def sample(rig: Rig, replicas: list[Replica]) -> dict[str, dict[str, float]]:
@@ -811,69 +870,118 @@ async def sample(rig: Rig, replicas: list[Replica]) -> dict[str, dict[str, float
     return out
 
 
-async def ingest_phase(rig: Rig, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """`--reporters` streams spread evenly over the first 1, 2, ... replicas in turn."""
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def ingest_once(rig: Rig, k: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`--reporters` streams spread evenly over the first k replicas, for one window."""
     stats_per_report = args.pools * args.endpoints
-    phases = []
-    for k in range(1, len(rig.replicas) + 1):
-        targets = rig.replicas[:k]
-        children = await start_reporters(targets, args.reporters, f"ingest{k}", args)
-        try:
-            await asyncio.sleep(args.ingest_warmup)
-            redis_before = await redis_info(rig.redis.port, "cpu")
-            clients_before = [await c.command("stats") for c in children]
-            before = await sample(rig, rig.replicas)
-            start = time.monotonic()
-            await asyncio.sleep(args.ingest_seconds)
-            after = await sample(rig, rig.replicas)
-            wall = time.monotonic() - start
-            clients_after = [await c.command("stats") for c in children]
-            redis_after = await redis_info(rig.redis.port, "cpu")
-        finally:
-            await stop_all(children)
-        counts = dict(zip(targets, spread(args.reporters, k), strict=True))
-        per_replica = {}
-        for replica in rig.replicas:
-            b, a = before[replica.name], after[replica.name]
-            seconds = a["at"] - b["at"]
-            merged = (a["received"] - b["received"]) - (a["early"] - b["early"])
-            cpu = a["cpu"] - b["cpu"]
-            per_replica[replica.name] = {
-                "reporters": counts.get(replica, 0),
-                "reports_per_s": merged / seconds,
-                "endpoint_stats_per_s": merged * stats_per_report / seconds,
-                "cpu_share": cpu / seconds,
-                "cpu_ms_per_report": 1000 * cpu / merged if merged else float("nan"),
-                "early": a["early"] - b["early"],
-                "refused": a["lrs_refused"] - b["lrs_refused"],
-                "interval_s": a["interval"],
-            }
-        sent = sum(c["sent"] for c in clients_after) - sum(c["sent"] for c in clients_before)
-        reporter_cpu = sum(c["cpu"] for c in clients_after) - sum(c["cpu"] for c in clients_before)
-        redis_cpu = sum(
-            float(redis_after[key]) - float(redis_before[key])
-            for key in ("used_cpu_sys", "used_cpu_user")
-        )
-        total = sum(r["reports_per_s"] for r in per_replica.values())
-        phases.append(
-            {
-                "replicas_reported_to": k,
-                "reporters": args.reporters,
-                "offered_reports_per_s": args.reporters / args.lrs_interval,
-                "seconds": wall,
-                "per_replica": per_replica,
-                "reports_per_s": total,
-                "endpoint_stats_per_s": total * stats_per_report,
-                "replicas_cpu_share": sum(r["cpu_share"] for r in per_replica.values()),
-                "reporters_sent_per_s": sent / wall,
-                "reporters_cpu_share": reporter_cpu / wall,
-                "redis_cpu_share": redis_cpu / wall,
-                "loadavg": os.getloadavg()[0],
-            }
-        )
-    for phase in phases:
-        phase["scaling"] = phase["reports_per_s"] / phases[0]["reports_per_s"]
-    return phases
+    targets = rig.replicas[:k]
+    children = await start_reporters(targets, args.reporters, f"ingest{k}", args)
+    try:
+        await asyncio.sleep(args.ingest_warmup)
+        redis_before = await redis_info(rig.redis.port, "cpu")
+        clients_before = [await c.command("stats") for c in children]
+        before = await sample(rig, rig.replicas)
+        start = time.monotonic()
+        meter = rig.meter(children)
+        await asyncio.sleep(args.ingest_seconds)
+        shares = meter.shares()
+        after = await sample(rig, rig.replicas)
+        wall = time.monotonic() - start
+        clients_after = [await c.command("stats") for c in children]
+        redis_after = await redis_info(rig.redis.port, "cpu")
+        rss = {r.name: rss_mib(r.pid) for r in rig.replicas}
+    finally:
+        await stop_all(children)
+    counts = dict(zip(targets, spread(args.reporters, k), strict=True))
+    per_replica = {}
+    for replica in rig.replicas:
+        b, a = before[replica.name], after[replica.name]
+        seconds = a["at"] - b["at"]
+        merged = (a["received"] - b["received"]) - (a["early"] - b["early"])
+        cpu = a["cpu"] - b["cpu"]
+        per_replica[replica.name] = {
+            "reporters": counts.get(replica, 0),
+            "reports_per_s": merged / seconds,
+            "endpoint_stats_per_s": merged * stats_per_report / seconds,
+            "cpu_share": cpu / seconds,
+            "cpu_ms_per_report": 1000 * cpu / merged if merged else float("nan"),
+            "early": a["early"] - b["early"],
+            "refused": a["lrs_refused"] - b["lrs_refused"],
+            "interval_s": a["interval"],
+            "rss_mib": rss[replica.name],
+        }
+    sent = sum(c["sent"] for c in clients_after) - sum(c["sent"] for c in clients_before)
+    redis_cpu = sum(
+        float(redis_after[key]) - float(redis_before[key])
+        for key in ("used_cpu_sys", "used_cpu_user")
+    )
+    total = sum(r["reports_per_s"] for r in per_replica.values())
+    replicas_cpu = sum(shares[r.name] for r in rig.replicas)
+    ours = replicas_cpu + shares["reporters"] + shares["ads"] + shares["bench"] + redis_cpu / wall
+    return {
+        "replicas_reported_to": k,
+        "reporters": args.reporters,
+        "offered_reports_per_s": args.reporters / args.lrs_interval,
+        "seconds": wall,
+        "per_replica": per_replica,
+        "reports_per_s": total,
+        "endpoint_stats_per_s": total * stats_per_report,
+        "replicas_cpu_share": replicas_cpu,
+        "reporters_sent_per_s": sent / wall,
+        "reporters_cpu_share": shares["reporters"],
+        "redis_cpu_share": redis_cpu / wall,
+        "ads_cpu_share": shares["ads"],
+        "bench_cpu_share": shares["bench"],
+        "machine_busy_cores": shares["machine"],
+        "others_cpu_share": max(0.0, shares["machine"] - ours),
+        "loadavg": os.getloadavg()[0],
+    }
+
+
+#: Figures of an ingest window whose median over the rounds is reported per k.
+INGEST_MEDIANS = (
+    "reports_per_s",
+    "endpoint_stats_per_s",
+    "replicas_cpu_share",
+    "reporters_cpu_share",
+    "ads_cpu_share",
+    "redis_cpu_share",
+    "machine_busy_cores",
+    "others_cpu_share",
+)
+
+
+async def ingest_phase(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
+    """Rounds of k = 1, 2, ... replicas reported to, so the machine's other load falls on
+    each k alike; medians per k over the rounds."""
+    runs = []
+    for _ in range(args.ingest_rounds):
+        for k in range(1, len(rig.replicas) + 1):
+            runs.append(await ingest_once(rig, k, args))
+    by_k: dict[int, dict[str, Any]] = {}
+    for k in sorted({run["replicas_reported_to"] for run in runs}):
+        mine = [run for run in runs if run["replicas_reported_to"] == k]
+        by_k[k] = {key: statistics.median(run[key] for run in mine) for key in INGEST_MEDIANS}
+        by_k[k]["per_replica_reports_per_s"] = {
+            name: statistics.median(run["per_replica"][name]["reports_per_s"] for run in mine)
+            for name, r in mine[0]["per_replica"].items()
+            if r["reporters"]
+        }
+        by_k[k]["per_replica_cpu_share"] = {
+            name: statistics.median(run["per_replica"][name]["cpu_share"] for run in mine)
+            for name, r in mine[0]["per_replica"].items()
+            if r["reporters"]
+        }
+    for figures in by_k.values():
+        figures["scaling"] = figures["reports_per_s"] / by_k[1]["reports_per_s"]
+    return {"by_k": {str(k): v for k, v in by_k.items()}, "runs": runs}
 
 
 async def failover(rig: Rig, kind: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -994,31 +1102,38 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             )
             stack.push_async_callback(child.stop)
             ads.append(child)
+            rig.ads.append(child)
             first += count
         out["ads_initial_sync_s"] = await wait_ads_ready(ads, args.clients)
         print(
             f"{args.clients} ADS clients in sync in {out['ads_initial_sync_s']:.1f} s", flush=True
         )
 
+        phases = set(args.phases.split(","))
         steady = await start_reporters(rig.replicas, args.steady_reporters, "steady", args)
-        await asyncio.sleep(args.warmup)
-        print(f"steady state: Redis traffic over {args.steady_seconds:g} s", flush=True)
-        out["steady"] = await redis_window(rig, args.steady_seconds)
-        print(f"drains through {names[0]}, {args.drains} times", flush=True)
-        out["drains"] = await drain_phase(rig, ads, names, args)
+        if phases & {"steady", "drains"}:
+            await asyncio.sleep(args.warmup)
+        if "steady" in phases:
+            print(f"steady state: Redis traffic over {args.steady_seconds:g} s", flush=True)
+            out["steady"] = await redis_window(rig, args.steady_seconds, steady)
+        if "drains" in phases:
+            print(f"drains through {names[0]}, {args.drains} times", flush=True)
+            out["drains"] = await drain_phase(rig, names, steady, args)
         await stop_all(steady)
 
-        print("LRS ingest with reporters on 1, 2, ... replicas", flush=True)
-        out["ingest"] = await ingest_phase(rig, args)
+        if "ingest" in phases:
+            print("LRS ingest with reporters on 1, 2, ... replicas", flush=True)
+            out["ingest"] = await ingest_phase(rig, args)
 
-        steady = await start_reporters(rig.replicas, args.steady_reporters, "steady2", args)
-        await asyncio.sleep(args.lrs_interval * 3)
-        print("failovers", flush=True)
-        out["failover"] = []
-        for _ in range(args.failovers):
-            for kind in ("kill", "term"):
-                out["failover"].append(await failover(rig, kind, args))
-        await stop_all(steady)
+        if "failover" in phases:
+            steady = await start_reporters(rig.replicas, args.steady_reporters, "steady2", args)
+            await asyncio.sleep(args.lrs_interval * 3)
+            print("failovers", flush=True)
+            out["failover"] = []
+            for _ in range(args.failovers):
+                for kind in ("kill", "term"):
+                    out["failover"].append(await failover(rig, kind, args))
+            await stop_all(steady)
     out["loadavg_after"] = os.getloadavg()[0]
     out["wall_s"] = time.monotonic() - begun
     return out
@@ -1041,7 +1156,19 @@ def report(out: dict[str, Any]) -> str:
         f"all ADS clients' first EDS {out['ads_initial_sync_s']:.2f} s",
         "",
     ]
-    d = out["drains"]
+    if "drains" in out:
+        lines += _drains(out)
+    if "ingest" in out:
+        lines += _ingest(out)
+    if "failover" in out:
+        lines += _failover(out)
+    if "steady" in out:
+        lines += _steady(out)
+    return "\n".join(lines)
+
+
+def _drains(out: dict[str, Any]) -> list[str]:
+    s, d, lines = out["settings"], out["drains"], []
     lines.append(
         f"1. drain through replica {d['through']} -> every client (ms from the POST's start; "
         f"median of {s['drains']} runs each)"
@@ -1058,41 +1185,69 @@ def report(out: dict[str, Any]) -> str:
         posts = " ".join(f"{r['post_ms']:.0f}" for r in d["runs"] if r["verb"] == verb)
         lines.append(f"   {verb} per run: last {lasts} ms; POST {posts} ms")
     missing = sum(r["missing"] for r in d["runs"])
-    lines.append(f"   clients that never saw it: {missing}")
+    cpu = d["cpu_share"]
+    replicas = ", ".join(
+        f"{r} {cpu[r]:.2f}" for r in sorted(d["summary"]["drain"]["per_replica_last_ms"])
+    )
+    lines.append(
+        f"   clients that never saw it: {missing}; CPU meanwhile (cores): replicas {replicas}; "
+        f"machine busy {cpu['machine']:.2f}, of which others {cpu['others']:.2f}"
+    )
     lines.append("")
+    return lines
 
+
+def _ingest(out: dict[str, Any]) -> list[str]:
+    s, ingest, lines = out["settings"], out["ingest"], []
     lines.append(
         f"2. LRS ingest: {s['reporters']} reporters ({out['report_bytes'] / KB:.0f} kB reports, "
         f"{s['pools'] * s['endpoints']} endpoint stats each, every {s['lrs_interval']:g} s: "
-        f"{s['reporters'] / s['lrs_interval']:.0f} offered/s), spread over the first k replicas; "
-        f"{s['ingest_seconds']:g} s each; --lrs-cpu-budget {s['lrs_cpu_budget']:g}"
+        f"{s['reporters'] / s['lrs_interval']:.0f} offered/s) spread over the first k replicas; "
+        f"{s['ingest_seconds']:g} s windows, median of {s['ingest_rounds']} rounds; "
+        f"--lrs-cpu-budget {s['lrs_cpu_budget']:g}"
     )
     lines.append(
-        f"   {'k':>2} {'reports/s':>10} {'stats/s':>10} {'x k=1':>6} {'replica CPU':>12} "
-        f"{'reporters CPU':>14} {'redis CPU':>10}  per replica: reports/s (CPU, ms/report)"
+        f"   {'k':>2} {'reports/s':>10} {'stats/s':>10} {'x k=1':>6} {'replicas':>9} "
+        f"{'reporters':>9} {'ADS':>5} {'redis':>5} {'others':>6} {'machine':>7}  "
+        "per replica: reports/s (CPU)"
     )
-    for phase in out["ingest"]:
+    for k, row in ingest["by_k"].items():
         per = ", ".join(
-            f"{name} {r['reports_per_s']:.0f} ({r['cpu_share']:.2f}, {r['cpu_ms_per_report']:.1f})"
-            for name, r in phase["per_replica"].items()
-            if r["reporters"]
+            f"{name} {rate:.0f} ({row['per_replica_cpu_share'][name]:.2f})"
+            for name, rate in row["per_replica_reports_per_s"].items()
         )
         lines.append(
-            f"   {phase['replicas_reported_to']:>2} {phase['reports_per_s']:10.1f} "
-            f"{phase['endpoint_stats_per_s']:10.0f} {phase['scaling']:6.2f} "
-            f"{phase['replicas_cpu_share']:12.2f} {phase['reporters_cpu_share']:14.2f} "
-            f"{phase['redis_cpu_share']:10.2f}  {per}"
+            f"   {k:>2} {row['reports_per_s']:10.1f} {row['endpoint_stats_per_s']:10.0f} "
+            f"{row['scaling']:6.2f} {row['replicas_cpu_share']:9.2f} "
+            f"{row['reporters_cpu_share']:9.2f} {row['ads_cpu_share']:5.2f} "
+            f"{row['redis_cpu_share']:5.2f} {row['others_cpu_share']:6.2f} "
+            f"{row['machine_busy_cores']:7.2f}  {per}"
+        )
+    lines.append(
+        f"   (CPU in cores; machine: busy cores of all {out['machine']['cpus']}; others: busy "
+        "cores not used by this bench's processes)"
+    )
+    for run in ingest["runs"]:
+        rss = ", ".join(f"{n} {r['rss_mib']:.0f}" for n, r in run["per_replica"].items())
+        lines.append(
+            f"   k={run['replicas_reported_to']}: {run['reports_per_s']:.1f} reports/s, "
+            f"reporters sent {run['reporters_sent_per_s']:.0f}/s, others' CPU "
+            f"{run['others_cpu_share']:.2f}; replica RSS after (MiB): {rss}"
         )
     troubles = [
         f"k={p['replicas_reported_to']} {n}: {r['early']:.0f} early, {r['refused']:.0f} refused, "
         f"interval {r['interval_s']:g} s"
-        for p in out["ingest"]
+        for p in ingest["runs"]
         for n, r in p["per_replica"].items()
         if r["early"] or r["refused"] or r["interval_s"] != s["lrs_interval"]
     ]
     lines.append("   " + ("; ".join(troubles) if troubles else "no early or refused reports"))
     lines.append("")
+    return lines
 
+
+def _failover(out: dict[str, Any]) -> list[str]:
+    lines = []
     lines.append("3. time to a new leader (polling the others' /healthz every 10 ms)")
     for f in out["failover"]:
         lines.append(
@@ -1107,8 +1262,11 @@ def report(out: dict[str, Any]) -> str:
                 + (f", then led again at {again:.2f} s, during its drain" if again else "")
             )
     lines.append("")
+    return lines
 
-    st = out["steady"]
+
+def _steady(out: dict[str, Any]) -> list[str]:
+    s, st, lines = out["settings"], out["steady"], []
     lines.append(
         f"4. Redis traffic, steady state: {st['seconds']:.0f} s, {st['replicas']} replicas, "
         f"{s['clients']} ADS clients, {s['steady_reporters']} reporters every "
@@ -1126,7 +1284,12 @@ def report(out: dict[str, Any]) -> str:
         f"{st['redis_cpu_share']:.3f} cores; {st['connected_clients']} connections"
     )
     cpus = ", ".join(f"{k} {v:.2f}" for k, v in st["replica_cpu_share"].items())
-    lines.append(f"   replica CPU (cores): {cpus}")
+    cpu = st["cpu_share"]
+    lines.append(
+        f"   CPU (cores): replicas {cpus}; ADS clients {cpu['ads']:.2f}, reporters "
+        f"{cpu['reporters']:.2f}, Redis {st['redis_cpu_share']:.3f}; "
+        f"machine busy {cpu['machine']:.2f}, of which others {cpu['others']:.2f}"
+    )
     windows = ", ".join(
         f"{k} {v['written'] / KB:.0f}/{v['read'] / KB:.0f}"
         for k, v in st["load_window_bytes_per_s"].items()
@@ -1138,7 +1301,7 @@ def report(out: dict[str, Any]) -> str:
             f"   {name:14} {c['per_s']:8.2f} {c['per_s_per_replica']:14.2f} "
             f"{c['redis_usec_per_s']:11.0f}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 #: The copies of itself the benchmark starts: ADS clients and LRS reporters.
@@ -1159,7 +1322,8 @@ def main() -> None:
     add("--steady-seconds", type=float, default=60.0, help="the Redis traffic window")
     add("--drains", type=int, default=5, help="drain + undrain runs (default 5)")
     add("--drain-pause", type=float, default=0.5, help="seconds between drain runs")
-    add("--reporters", type=int, default=300, help="LRS reporters in the ingest phases")
+    add("--reporters", type=int, default=200, help="LRS reporters in the ingest phases")
+    add("--ingest-rounds", type=int, default=2, help="rounds of k = 1, 2, 3 (median)")
     add("--ingest-seconds", type=float, default=10.0, help="per ingest phase")
     add("--ingest-warmup", type=float, default=4.0, help="before each ingest phase's window")
     add("--failovers", type=int, default=2, help="SIGKILL + SIGTERM failovers (default 2)")
@@ -1170,6 +1334,11 @@ def main() -> None:
         default=4.0,
         help="serve --lrs-cpu-budget (default 4: above any core count here, so ingest is not "
         "paced and its capacity shows; serve's own default is 0.5)",
+    )
+    add(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated, of {', '.join(PHASES)} (default all)",
     )
     # Roles' arguments.
     add("--ports", help=argparse.SUPPRESS)

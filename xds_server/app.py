@@ -28,6 +28,8 @@ from xds_server.config.state_file import OverlayState
 from xds_server.config.types import Config
 from xds_server.fleet import FleetView, LoadProvider
 from xds_server.grpc_server import start_grpc_server
+from xds_server.kubernetes.collector import KubernetesCollector
+from xds_server.kubernetes.source import KubernetesOptions, KubernetesSource
 from xds_server.metrics import Metrics
 from xds_server.replicas.replication import Replication
 from xds_server.resources.publisher import Publisher
@@ -50,6 +52,8 @@ class Settings:
     xds_port: int = 18000
     admin_port: int = 8080
     admin_host: str = "127.0.0.1"
+    #: Seconds between checks of the snapshot file's identity, for changes no file event
+    #: reports (NFS, a bind mount edited outside); events are followed at once.
     watch_interval: float = 0.2
     state: Path | None = None  # where admin API changes persist; None keeps them in memory
     admin_token_file: Path | None = None  # else $XDS_ADMIN_TOKEN; neither: changes refused
@@ -78,6 +82,8 @@ class Settings:
     redis: str | None = None
     redis_prefix: str = "xds"  # key prefix: several fleets can share one Redis
     lease_ttl: float = 3.0  # seconds a leader's lease lasts without renewal
+    #: Pools with `kubernetes:` take their endpoints from the cluster (serve --kubernetes).
+    kubernetes: KubernetesOptions | None = None
 
 
 class ControlPlane:
@@ -108,13 +114,21 @@ class ControlPlane:
             self.replication.overlay.on_change = self.source_publish
         else:
             self.overlay = OverlayState(settings.state)
+        #: The file's config, Kubernetes pools filled in (with --kubernetes), overlay on top.
+        self.kubernetes: KubernetesSource | None = None
+        served: Callable[[Config], Config] = self.overlay.apply
+        if settings.kubernetes is not None:
+            self.kubernetes = KubernetesSource(settings.kubernetes, self.source_publish)
+            served = self._with_kubernetes
         self.source = FileSource(
             settings.snapshot,
             self.publisher.publish_config,
-            self.overlay.apply,
+            served,
             settings.allowed_policy_modules,
         )
         self.fleet = FleetView(self.publisher, self.source, self.overlay)
+        if self.kubernetes is not None:
+            self.fleet.fill = self.kubernetes.fill
         self.metrics = Metrics(self.cache, self.registry, self.fleet)
         self._admin_api: AdminApi | None = None
         self.xds_port = settings.xds_port
@@ -147,14 +161,24 @@ class ControlPlane:
         self.metrics.observe_trust(self.admission, self.lrs, lambda: self.tls)
         if self.replication is not None:
             self.metrics.observe_replicas(self.replication)
+        if self.kubernetes is not None:
+            self.metrics.registry.register(KubernetesCollector(self.kubernetes))
         self.publisher.on_config.append(self._follow_config)
         self.observe_load(lambda pool: loads(pool, time.monotonic()), lambda: self.store.reports)
         self._engine_task: asyncio.Task[None] | None = None
         self._saver: asyncio.Task[None] | None = None
 
     async def source_publish(self) -> None:
-        """Serve the file with the overlay in force again (another replica changed it)."""
+        """Serve the file with the overlay in force again (another replica changed it, or
+        Kubernetes did)."""
         await self.source.publish()
+
+    def _with_kubernetes(self, config: Config) -> Config:
+        """What is served: the file's config, its Kubernetes pools' endpoints from the
+        cluster, the admin overlay over them (drains apply as to file endpoints)."""
+        assert self.kubernetes is not None
+        self.kubernetes.follow(config)
+        return self.overlay.apply(self.kubernetes.fill(config))
 
     def _publish_weights(self, pool: str, weights: PoolWeights) -> None:
         if self.replication is not None:
@@ -234,10 +258,20 @@ class ControlPlane:
         self.publisher.weights = {pool: saved.weights for pool, saved in restored.items()}
         await self._start_body_router()
         try:
+            if self.kubernetes is not None:
+                await self.kubernetes.start()
             await self.source.load(strict=True)
         except BaseException:
             await self.stop(0)
             raise
+        if self.kubernetes is not None and not await self.kubernetes.settle(
+            self.kubernetes.options.sync_timeout
+        ):
+            log.warning(
+                "kubernetes: not every watch has listed after %.0f s; serving what is known "
+                "and following the cluster as it answers",
+                self.kubernetes.options.sync_timeout,
+            )
         for pool, saved in restored.items():
             if self.engine.restore(pool, saved.weights, time.time() - saved.published_at):
                 log.info("serving pool %s with its weights from before the restart", pool)
@@ -274,6 +308,7 @@ class ControlPlane:
             allowed_hosts=hosts,
             ready=lambda: self.ready,
             replicas=self.replication.status if self.replication is not None else None,
+            kubernetes=self.kubernetes.health if self.kubernetes is not None else None,
         )
         self._admin, self.admin_port = await start_admin(
             await self._admin_api.app(),
@@ -323,7 +358,7 @@ class ControlPlane:
         self.shutting_down = True
         self.admission.closed = True
         if self.replication is not None:
-            await self.replication.lease.release()  # another replica computes weights now
+            await self.replication.step_down()  # another replica computes weights now
         message = "this control plane is shutting down; reconnect to another replica"
         enders: list[Callable[[], None]] = [
             partial(stream.end, message)
@@ -360,6 +395,8 @@ class ControlPlane:
         await self.body_router.aclose()
         if self.replication is not None:
             await self.replication.stop()
+        if self.kubernetes is not None:
+            await self.kubernetes.stop()
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()

@@ -95,6 +95,18 @@ def _allowed_host(value: str) -> str:
     return value
 
 
+def _controller_name(value: str) -> str:
+    import re
+
+    domain, _, name = value.partition("/")
+    label = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+    if not re.fullmatch(rf"{label}(\.{label})*", domain) or not re.fullmatch(label, name):
+        raise argparse.ArgumentTypeError(
+            f"expected DOMAIN/NAME (a DNS subdomain, a slash, a DNS label), got {value!r}"
+        )
+    return value
+
+
 def _non_negative_seconds(value: str) -> float:
     try:
         number = float(value)
@@ -202,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the weight table through this Redis (redis://HOST:PORT/DB); replaces --state",
     )
     serve.add_argument(
+        "--lease-ttl",
+        type=_positive,
+        default=3.0,
+        help="with --redis: seconds the weight leader's lease lasts without renewal; a dead "
+        "leader is replaced within about this long (default 3)",
+    )
+    serve.add_argument(
         "--redis-prefix",
         default="xds",
         help="key prefix in Redis, so that several fleets can share one (default xds)",
@@ -220,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="cores that merging load reports may use before Envoys are asked to report "
         "less often (default 0.5)",
+    )
+    serve.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="pools with `kubernetes:` take their endpoints from the cluster (EndpointSlices "
+        "of a Service, or the Pods of an InferencePool): in-cluster service account inside a "
+        "pod, else $KUBECONFIG or ~/.kube/config, as kubectl",
+    )
+    serve.add_argument(
+        "--kubernetes-controller-name",
+        type=_controller_name,
+        default="xds-server/control-plane",
+        metavar="DOMAIN/NAME",
+        help="the controllerName (and parentRef {group: DOMAIN, kind: ControlPlane, name: "
+        "NAME}) written to the status of the InferencePools served (default "
+        "xds-server/control-plane)",
     )
     add_tls_arguments(serve, "the gRPC ports (xDS + LRS, body router)")
     add_limit_arguments(serve)
@@ -373,6 +408,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from xds_server.app import ControlPlane, Settings
     from xds_server.config.state_file import StateFileError
     from xds_server.config.types import SnapshotError
+    from xds_server.kubernetes.client import KubernetesConfigError
+    from xds_server.kubernetes.source import KubernetesOptions
     from xds_server.tls import TlsFilesError
 
     settings = Settings(
@@ -396,6 +433,10 @@ async def _serve(args: argparse.Namespace) -> int:
         drain_period=args.drain_period,
         redis=args.redis,
         redis_prefix=args.redis_prefix,
+        lease_ttl=args.lease_ttl,
+        kubernetes=KubernetesOptions(controller_name=args.kubernetes_controller_name)
+        if args.kubernetes
+        else None,
     )
     if args.redis and args.state:
         print(
@@ -406,7 +447,15 @@ async def _serve(args: argparse.Namespace) -> int:
     plane = ControlPlane(settings)
     try:
         await plane.start()
-    except (SnapshotError, OSError, StateFileError, TokenError, TlsError, TlsFilesError) as err:
+    except (
+        SnapshotError,
+        OSError,
+        StateFileError,
+        TokenError,
+        TlsError,
+        TlsFilesError,
+        KubernetesConfigError,
+    ) as err:
         await plane.stop(0)  # whatever started before the failure
         if isinstance(err, SnapshotError):
             print(f"xds-server: {settings.snapshot} is not valid, not serving:", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any
 from lrs.weights.signals import EndpointLoad, PoolWeights
 from xds_server.config.file_source import FileSource
 from xds_server.config.state_file import OverlayState
-from xds_server.config.types import Endpoint, Pool
+from xds_server.config.types import Config, Endpoint, Pool
 from xds_server.resources.publisher import Publisher
 
 __all__ = ["EndpointView", "FleetView", "LoadProvider"]
@@ -27,7 +27,7 @@ class EndpointView:
     """One served endpoint: what the file (or the API) says and what Envoy is told."""
 
     endpoint: Endpoint
-    origin: str  # "file" | "api"
+    origin: str  # "file" | "kubernetes" | "api"
     effective_weight: int
     saturated: bool
     load: EndpointLoad | None
@@ -68,6 +68,8 @@ class FleetView:
         self.source = source
         self.overlay = overlay
         self.loads = loads
+        #: With --kubernetes: the file's config with its Kubernetes pools filled in.
+        self.fill: Callable[[Config], Config] | None = None
 
     def pools(self) -> tuple[Pool, ...]:
         """The pools as served (file plus overlay)."""
@@ -78,10 +80,13 @@ class FleetView:
         return next((p for p in self.pools() if p.name == name), None)
 
     def in_file(self, pool: str) -> set[str]:
-        """Keys of the endpoints the file itself defines for the pool."""
+        """Keys of the endpoints the file itself defines for the pool (for a Kubernetes
+        pool, those the cluster gives it: the API hides them rather than forgetting them)."""
         config = self.source.config
         if config is None:
             return set()
+        if self.fill is not None:
+            config = self.fill(config)
         found = next((p for p in config.pools if p.name == pool), None)
         return {e.key for e in found.endpoints} if found is not None else set()
 
@@ -99,7 +104,7 @@ class FleetView:
         return [
             EndpointView(
                 endpoint=e,
-                origin="file" if e.key in in_file else "api",
+                origin=("kubernetes" if pool.kubernetes else "file") if e.key in in_file else "api",
                 effective_weight=effective.get(e.key, e.weight),
                 saturated=e.key in saturated,
                 load=loads.get(e.key),

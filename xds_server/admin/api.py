@@ -50,6 +50,7 @@ class AdminApi:
         allowed_hosts: frozenset[str] | None = None,
         ready: Callable[[], bool] = lambda: True,
         replicas: Callable[[], dict[str, Any]] | None = None,
+        kubernetes: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """`read_token`: reads need it (or `token`) too; `allowed_hosts`: the Host names
         answered (None: any; see hosts.allowed_hosts for the defaults); `ready`: what
@@ -59,8 +60,10 @@ class AdminApi:
         self.read_token = read_token
         self.allowed_hosts = allowed_hosts
         self.document = openapi_document(read_auth=read_token is not None)
-        self.views = ReadViews(cache, clients, fleet, token is not None, ready, replicas)
-        self.editor = OverlayEditor(fleet.overlay, fleet.source, debounce)
+        self.views = ReadViews(
+            cache, clients, fleet, token is not None, ready, replicas, kubernetes
+        )
+        self.editor = OverlayEditor(fleet.overlay, fleet.source, debounce, fleet.fill)
         self.edits = EditRoutes(self.editor, fleet)
 
     async def app(self) -> web.Application:

@@ -23,7 +23,7 @@ from xds_server.config.file_source import FileSource
 from xds_server.config.overlay import Overlay, endpoint_key
 from xds_server.config.reader import parse_endpoint
 from xds_server.config.state_file import OverlayState, StaleOverlay
-from xds_server.config.types import UINT32_MAX, Endpoint, Pool, SnapshotError
+from xds_server.config.types import UINT32_MAX, Config, Endpoint, Pool, SnapshotError
 from xds_server.fleet import FleetView
 
 __all__ = ["Coalescer", "Edit", "EditRoutes", "OverlayEditor", "PoolState"]
@@ -110,14 +110,24 @@ _SAVE_ATTEMPTS = 5
 class OverlayEditor:
     """Serializes API changes: check, persist, put in force, publish (debounced)."""
 
-    def __init__(self, state: OverlayState, source: FileSource, debounce: float) -> None:
+    def __init__(
+        self,
+        state: OverlayState,
+        source: FileSource,
+        debounce: float,
+        fill: Callable[[Config], Config] | None = None,
+    ) -> None:
         self.state = state
         self.source = source
+        #: With --kubernetes: the file's Kubernetes pools with the cluster's endpoints.
+        self.fill = fill
         self._lock = asyncio.Lock()
         self._publish = Coalescer(source.publish, debounce)
 
     def _pool_state(self, name: str) -> PoolState:
         config = self.source.config
+        if config is not None and self.fill is not None:
+            config = self.fill(config)
         file = next((p for p in config.pools if p.name == name), None) if config else None
         return PoolState(name, file, self.state.overlay)
 

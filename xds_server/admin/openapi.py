@@ -204,7 +204,7 @@ DOCUMENT: Final[dict[str, Any]] = {
                     "address": {"type": "string"},
                     "port": {"type": "integer"},
                     "zone": {"type": "string"},
-                    "origin": {"type": "string", "enum": ["file", "api"]},
+                    "origin": {"type": "string", "enum": ["file", "kubernetes", "api"]},
                     "state": {"type": "string", "enum": ["active", "draining"]},
                     "static_weight": {"type": "integer"},
                     "effective_weight": {"type": "integer"},

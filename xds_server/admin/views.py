@@ -86,9 +86,11 @@ class ReadViews:
         mutations: bool,
         ready: Callable[[], bool] = lambda: True,
         replicas: Callable[[], dict[str, Any]] | None = None,
+        kubernetes: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.ready = ready
         self.replicas = replicas
+        self.kubernetes = kubernetes
         self.cache = cache
         self.clients = clients
         self.fleet = fleet
@@ -128,6 +130,12 @@ class ReadViews:
             body["redis"] = self.replicas()
             if not body["redis"]["connected"]:
                 body["status"] = "degraded: Redis unreachable, serving the last known state"
+        if self.kubernetes is not None:
+            body["kubernetes"] = self.kubernetes()
+            if not body["kubernetes"]["connected"]:
+                body["status"] = (
+                    "degraded: Kubernetes API unreachable, serving the last known endpoints"
+                )
         return json_response(body)
 
     async def snapshot(self, _request: web.Request) -> web.Response:
@@ -175,6 +183,8 @@ class ReadViews:
 
     async def overlay_state(self, _request: web.Request) -> web.Response:
         config = self.source.config
+        if config is not None and self.fleet.fill is not None:
+            config = self.fleet.fill(config)  # Kubernetes pools as the cluster has them
         overlay = self.overlay.overlay
         return json_response(
             {

@@ -60,11 +60,12 @@ class PoolOverlay:
         return bool(self.added or self.removed or self.drained)
 
     def apply(self, pool: Pool) -> Pool:
-        """The pool as served: file endpoints not removed, then API-added ones, drains marked."""
+        """The pool as served: file endpoints not removed, then API-added ones, drains marked
+        (over a drain the pool's source already set: a terminating Kubernetes endpoint)."""
         in_file = {e.key for e in pool.endpoints}
         extra = [e for key, e in self.added.items() if key not in in_file]
         endpoints = tuple(
-            replace(e, draining=e.key in self.drained)
+            replace(e, draining=e.draining or e.key in self.drained)
             for e in (*pool.endpoints, *extra)
             if e.key not in self.removed
         )

@@ -9,13 +9,15 @@ the path in the document and what to do, so one edit-validate round fixes all.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any, Final, NamedTuple
+from functools import partial
+from typing import Any, Final, NamedTuple, TypeVar
 
 import yaml
 
 from lrs.contract import MAX_WEIGHT
+from xds_server.config.kube_ref import read_kubernetes
 from xds_server.config.policies import read_policy
 from xds_server.config.problems import (
     BOOLEAN,
@@ -29,6 +31,7 @@ from xds_server.config.problems import (
     unknown,
 )
 from xds_server.config.raw import read_raw
+from xds_server.config.sections import Memo
 from xds_server.config.types import (
     CSWRR,
     DEFAULT_GROUP,
@@ -55,6 +58,8 @@ from xds_server.config.types import (
 __all__ = ["load_config", "parse_config", "parse_endpoint"]
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+K = TypeVar("K")
+V = TypeVar("V")
 # --------------------------------------------------------------------------- sections
 
 _ENDPOINT_KEYS: Final = ("address", "port", "zone", "weight")
@@ -66,6 +71,7 @@ _POOL_KEYS: Final = (
     "endpoints",
     "policy",
     "orca",
+    "kubernetes",
 )
 _ROUTE_KEYS: Final = ("model", "prefix", "pool", "split", "timeout")
 _SPLIT_KEYS: Final = ("pool", "weight")
@@ -133,6 +139,16 @@ def _read_pool(r: Reader, value: object, path: str, policy_modules: tuple[str, .
     endpoints = [e for _, e in entries]
     _check_weight_sums(r, join(path, "endpoints"), endpoints)
     policy, orca = read_policy(r, m, path, policy_modules)
+    kubernetes = None
+    if m.get("kubernetes") is not None:
+        kubernetes = read_kubernetes(r, m["kubernetes"], path)
+        if m.get("endpoints") is not None:
+            r.problem(
+                join(path, "endpoints"),
+                "a pool takes its endpoints from 'kubernetes' or from 'endpoints', not both",
+            )
+        if kubernetes is None:
+            return None
     if lb_policy == CSWRR and weighting == "orca":
         r.problem(
             join(path, "weighting"),
@@ -144,7 +160,9 @@ def _read_pool(r: Reader, value: object, path: str, policy_modules: tuple[str, .
         return None
     if policy is None or orca is None:
         return None
-    return Pool(name, lb_policy, weighting, tuple(endpoints), connect_timeout, policy, orca)
+    return Pool(
+        name, lb_policy, weighting, tuple(endpoints), connect_timeout, policy, orca, kubernetes
+    )
 
 
 def _read_route(r: Reader, value: object, path: str, pool_names: set[str]) -> Route | None:
@@ -419,6 +437,46 @@ def _check_binds(r: Reader, group: str, listeners: list[tuple[str, Listener]], h
             first[bind] = listener.name
 
 
+class _Items:
+    """Reads a pool or a listener through the memo: its text seen before (with the same
+    inputs) gives the same object without reading it again; a read that recorded no
+    problem is kept for the next document."""
+
+    def __init__(self, r: Reader, memo: Memo | None, texts: Mapping[str, tuple[str, ...]]) -> None:
+        self.r = r
+        self.memo = memo
+        self.texts = texts
+
+    def _text(self, section: str, index: int) -> str | None:
+        texts = self.texts.get(section)
+        return texts[index] if texts is not None and index < len(texts) else None
+
+    def pool(
+        self, index: int, modules: tuple[str, ...], read: Callable[[], Pool | None]
+    ) -> Pool | None:
+        text = self._text("pools", index)
+        if self.memo is None or text is None:
+            return read()
+        return self._through(self.memo.pools, (text, modules), read)
+
+    def listener(
+        self, index: int, pool_names: frozenset[str], read: Callable[[], Listener | None]
+    ) -> Listener | None:
+        text = self._text("listeners", index)
+        if self.memo is None or text is None:
+            return read()
+        return self._through(self.memo.listeners, (text, pool_names), read)
+
+    def _through(self, kept: dict[K, V], key: K, read: Callable[[], V | None]) -> V | None:
+        if key in kept:
+            return kept[key]
+        problems = len(self.r.problems)
+        value = read()
+        if value is not None and len(self.r.problems) == problems:
+            kept[key] = value
+        return value
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -437,21 +495,25 @@ def _load_yaml(r: Reader, text: str) -> tuple[bool, Any]:
     return False, None
 
 
-def _read_config(r: Reader, document: object, policy_modules: tuple[str, ...]) -> Config | None:
+def _read_config(
+    r: Reader, document: object, policy_modules: tuple[str, ...], memo: _Items | None = None
+) -> Config | None:
     top = r.mapping(document, "", _TOP_KEYS)
     if top is None:
         return None
     pool_names = declared_names(top.get("pools"))
     listener_names = declared_names(top.get("listeners"))
+    memo = memo or _Items(r, None, {})
+    names = frozenset(pool_names)
     listeners = [
         (p, x)
-        for p, v in r.items(top, "listeners", "")
-        if (x := _read_listener(r, v, p, pool_names))
+        for i, (p, v) in enumerate(r.items(top, "listeners", ""))
+        if (x := memo.listener(i, names, partial(_read_listener, r, v, p, pool_names)))
     ]
     pools = [
         (p, pool)
-        for p, v in r.items(top, "pools", "")
-        if (pool := _read_pool(r, v, p, policy_modules))
+        for i, (p, v) in enumerate(r.items(top, "pools", ""))
+        if (pool := memo.pool(i, policy_modules, partial(_read_pool, r, v, p, policy_modules)))
     ]
     entries = _read_groups(r, top, listener_names, pool_names)
     raw = read_raw(r, top, {"pools": pool_names, "listeners": listener_names})
@@ -477,14 +539,27 @@ def parse_endpoint(value: object, source: str) -> Endpoint:
     return endpoint
 
 
-def parse_config(text: str, source: str, *, allowed_policy_modules: Iterable[str] = ()) -> Config:
+def parse_config(
+    text: str, source: str, *, allowed_policy_modules: Iterable[str] = (), memo: Memo | None = None
+) -> Config:
     """Parse and validate a snapshot document; raises SnapshotError naming every problem.
 
     A custom `policy: module:Class` is imported (and so run) only if its module is in
-    `allowed_policy_modules` or under one of them (xds_server.config.policies)."""
+    `allowed_policy_modules` or under one of them (xds_server.config.policies).
+    `memo` (one per followed file): the sections, pools and listeners of the last document
+    it saw are not parsed or validated again where their text is the same
+    (xds_server.config.sections); the Config is the same as without it."""
     r = Reader(source)
-    loaded, document = _load_yaml(r, text)
-    config = _read_config(r, document, tuple(allowed_policy_modules)) if loaded else None
+    parts = memo.load(text) if memo is not None else None
+    if parts is None:
+        loaded, document = _load_yaml(r, text)
+        items = _Items(r, memo, {})
+    else:
+        loaded, document = True, parts.value
+        items = _Items(r, memo, parts.items)
+    config = _read_config(r, document, tuple(allowed_policy_modules), items) if loaded else None
+    if memo is not None:
+        memo.keep_only(items.texts)
     if r.problems or config is None:
         raise SnapshotError(r.problems)
     return config

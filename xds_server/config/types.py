@@ -35,6 +35,7 @@ __all__ = [
     "BodyRouterSettings",
     "Config",
     "Endpoint",
+    "KubernetesRef",
     "Listener",
     "NodeGroup",
     "Pool",
@@ -92,6 +93,18 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesRef:
+    """Where a pool's endpoints come from in Kubernetes (`kubernetes:`): the EndpointSlices
+    of a Service (`service`, with the slice port `port` by name or number), or the ready
+    Pods an InferencePool selects (`inference_pool`, its targetPorts)."""
+
+    namespace: str
+    service: str | None = None
+    port: str | int | None = None
+    inference_pool: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Pool:
     """A set of interchangeable model servers: one Envoy cluster fed over EDS."""
 
@@ -102,6 +115,10 @@ class Pool:
     connect_timeout: float = 1.0
     policy: str = "headroom"  # weighting: orca only: "headroom" or "module:Class"
     orca: Params = field(default_factory=Params)  # the policy parameters (`orca:`)
+    #: Endpoints from Kubernetes instead of `endpoints:` (xds_server.kubernetes fills them).
+    kubernetes: KubernetesRef | None = None
+    #: HTTP/2 (h2c) to the upstreams: an InferencePool's `appProtocol: kubernetes.io/h2c`.
+    http2: bool = False
 
 
 @dataclass(frozen=True, slots=True)

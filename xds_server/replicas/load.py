@@ -68,11 +68,10 @@ class SharedLoad:
     async def exchange(self) -> None:
         """Publish this replica's windows and read the other live replicas'."""
         now = time.monotonic()
-        mine = {
-            pool: {key: asdict(load) for key, load in self.local(pool, now).items()}
-            for pool in self.pools()
-        }
-        data = json.dumps(mine, separators=(",", ":"))
+        windows = {pool: self.local(pool, now) for pool in self.pools()}
+        # Encoding and decoding thousands of windows takes tens of milliseconds: in a
+        # thread, the loop that serves xDS and LRS gets the interpreter every few ms.
+        data = await asyncio.to_thread(_encode, windows)
         client, link = self.link.client, self.link
         live = link.key("replicas")
         ttl_ms = int(3 * self.interval * 1000)
@@ -95,23 +94,34 @@ class SharedLoad:
             "read load",
             lambda: client.mget([link.key("load", r) for r in others]) if others else _nothing(),
         )
-        merged: dict[str, dict[str, list[EndpointLoad]]] = {}
-        for blob in blobs:
-            if blob is None:
-                continue
-            self.bytes_read += len(blob)
-            try:
-                for pool, endpoints in json.loads(blob).items():
-                    for key, load in endpoints.items():
-                        merged.setdefault(pool, {}).setdefault(key, []).append(EndpointLoad(**load))
-            except (ValueError, TypeError) as err:
-                log.error("unreadable load window of another replica: %s", err)
-        self.others = {
-            pool: {key: EndpointLoad.merge(parts) for key, parts in endpoints.items()}
-            for pool, endpoints in merged.items()
-        }
+        present = [blob for blob in blobs if blob is not None]
+        self.bytes_read += sum(map(len, present))
+        self.others = await asyncio.to_thread(_decode, present)
         self.others_at = time.monotonic()
 
 
 async def _nothing() -> list[bytes | None]:
     return []
+
+
+def _encode(windows: Mapping[str, Mapping[str, EndpointLoad]]) -> str:
+    mine = {
+        pool: {key: asdict(load) for key, load in loads.items()} for pool, loads in windows.items()
+    }
+    return json.dumps(mine, separators=(",", ":"))
+
+
+def _decode(blobs: list[bytes]) -> Windows:
+    """The other replicas' windows, merged per endpoint; an unreadable one is skipped."""
+    merged: dict[str, dict[str, list[EndpointLoad]]] = {}
+    for blob in blobs:
+        try:
+            for pool, endpoints in json.loads(blob).items():
+                for key, load in endpoints.items():
+                    merged.setdefault(pool, {}).setdefault(key, []).append(EndpointLoad(**load))
+        except (ValueError, TypeError) as err:
+            log.error("unreadable load window of another replica: %s", err)
+    return {
+        pool: {key: EndpointLoad.merge(parts) for key, parts in endpoints.items()}
+        for pool, endpoints in merged.items()
+    }

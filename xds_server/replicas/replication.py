@@ -64,6 +64,13 @@ class Replication:
         for work in (self.lease.run(), self.weights.run(), self.load.run()):
             self._tasks.append(asyncio.create_task(work))
 
+    async def step_down(self) -> None:
+        """Stop competing for the lease and give it up (a replica shutting down): another
+        replica takes it at once, and this one cannot take it back while it drains."""
+        if self._tasks:
+            self._tasks[0].cancel()  # the lease loop (run() starts it first)
+        await self.lease.release()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -226,17 +226,22 @@ def _too_large_reply(max_body_bytes: int) -> hcm_pb2.LocalReplyConfig:
     return hcm_pb2.LocalReplyConfig(mappers=[mapper])
 
 
+def _http2_options() -> http_protocol_options_pb2.HttpProtocolOptions:
+    """Upstream connections speak HTTP/2 (cleartext h2c without a transport socket)."""
+    return http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+
+
 def body_router_cluster(
     target: tuple[str, int], tls_sds_dir: str | None = None
 ) -> cluster_pb2.Cluster:
     """The router as a static gRPC (HTTP/2) cluster: it is one well-known address; over mTLS
     with the Envoy host's SDS files in `tls_sds_dir` (the ones its bootstrap uses)."""
     address, port = target
-    http2 = http_protocol_options_pb2.HttpProtocolOptions(
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-        )
-    )
+    http2 = _http2_options()
     result = cluster_pb2.Cluster(
         name=BODY_ROUTER_CLUSTER,
         type=cluster_pb2.Cluster.STATIC,
@@ -349,6 +354,8 @@ def cluster(pool: Pool) -> cluster_pb2.Cluster:
         result.lb_policy = _LB_POLICIES[pool.lb_policy]
         common = result.common_lb_config
         common.locality_weighted_lb_config.SetInParent()
+    if pool.http2:  # an InferencePool's appProtocol kubernetes.io/h2c
+        result.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(_pack(_http2_options()))
     if pool.weighting == "orca":
         result.lrs_report_endpoint_metrics.extend(ORCA_LRS_METRICS)
         if pool.lb_policy == "least_request":

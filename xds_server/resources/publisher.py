@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from lrs.weights.signals import PoolWeights
 from xds_server.config.types import Config
-from xds_server.resources.build import DEFAULT_BODY_ROUTER, build_all, cluster_load_assignment
+from xds_server.resources.build import DEFAULT_BODY_ROUTER, cluster_load_assignment
+from xds_server.resources.incremental import Rebuilder
 from xds_server.xds import typeurls
 from xds_server.xds.cache import ResourceCache
 
@@ -35,13 +36,17 @@ class Publisher:
         self.on_config: list[Callable[[Config], None]] = []
         #: Where Envoy finds the body router when the file names none (the control plane's).
         self.body_router: tuple[str, int] = DEFAULT_BODY_ROUTER
+        #: Builds again only the messages an edit changed (the rest are the last ones).
+        self.rebuilder = Rebuilder()
 
     async def publish_config(self, config: Config) -> None:
-        """Serve a new config; the build runs off the event loop (large fleets take a while)."""
+        """Serve a new config; the build runs off the event loop (large fleets take a while),
+        and builds only the resources whose inputs changed (xds_server.resources.incremental)."""
         orca = {pool.name for pool in config.orca_pools}
         self.weights = {name: w for name, w in self.weights.items() if name in orca}
         weights = dict(self.weights)
-        messages = await asyncio.to_thread(build_all, config, weights, self.body_router)
+        build = self.rebuilder.build_all
+        messages = await asyncio.to_thread(build, config, weights, self.body_router)
         self.config = config
         self.cache.set_all(
             messages,
