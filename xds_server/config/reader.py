@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from functools import partial
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
 import yaml
 
 from lrs.contract import MAX_WEIGHT
+from xds_server.config.groups import complete_groups, read_groups
 from xds_server.config.kube_ref import read_kubernetes
 from xds_server.config.policies import read_policy
 from xds_server.config.problems import (
@@ -34,7 +34,6 @@ from xds_server.config.raw import read_raw
 from xds_server.config.sections import Memo
 from xds_server.config.types import (
     CSWRR,
-    DEFAULT_GROUP,
     FAILURE_MODES,
     LB_POLICIES,
     MAX_BODY_BYTES,
@@ -47,7 +46,6 @@ from xds_server.config.types import (
     Config,
     Endpoint,
     Listener,
-    NodeGroup,
     Pool,
     Problem,
     Route,
@@ -84,7 +82,6 @@ _BODY_ROUTER_KEYS: Final = (
     "max_body_bytes",
     "tls_sds_dir",
 )
-_GROUP_KEYS: Final = ("name", "node_clusters", "listeners", "pools", "identities")
 _TOP_KEYS: Final = ("listeners", "pools", "node_groups", "body_router", "envoy")
 
 _EDS_HINT: Final = "; EDS endpoints are not resolved by DNS, so give the IP address"
@@ -317,126 +314,6 @@ def _absolute_path(r: Reader, m: dict[str, Any], key: str, path: str) -> str | N
     return None
 
 
-def _read_references(
-    r: Reader, m: dict[str, Any], key: str, path: str, known: set[str], what: str
-) -> tuple[str, ...]:
-    names = []
-    for item_path, item in r.items(m, key, path):
-        if not isinstance(item, str):
-            r.problem(item_path, f"expected a {what} name, got {describe(item)}")
-        elif item not in known:
-            r.problem(item_path, unknown(what, item, known))
-        elif item in names:
-            r.problem(item_path, f"{what} {item!r} is listed twice")
-        else:
-            names.append(item)
-    return tuple(names)
-
-
-class _GroupEntry(NamedTuple):
-    path: str
-    group: NodeGroup  # pools holds only the extra pools until _complete_groups
-    cluster_paths: tuple[str, ...]
-
-
-def _read_group(
-    r: Reader, value: object, path: str, listener_names: set[str], pool_names: set[str]
-) -> _GroupEntry | None:
-    m = r.mapping(value, path, _GROUP_KEYS)
-    if m is None:
-        return None
-    name = r.name(m, path)
-    clusters = [
-        (p, c) for p, v in r.items(m, "node_clusters", path) if (c := _node_cluster(r, v, p))
-    ]
-    listeners = _read_references(r, m, "listeners", path, listener_names, "listener")
-    pools = _read_references(r, m, "pools", path, pool_names, "pool")
-    identities = tuple(i for p, v in r.items(m, "identities", path) if (i := _identity(r, v, p)))
-    here = join(path, "node_clusters")
-    if name == DEFAULT_GROUP and m.get("node_clusters"):
-        r.problem(
-            here, "the 'default' group serves every node no other group lists; remove node_clusters"
-        )
-    elif name != DEFAULT_GROUP and not m.get("node_clusters"):
-        r.problem(
-            here, "required: the Envoy node.cluster values this group serves (a non-empty list)"
-        )
-    if name is None:
-        return None
-    group = NodeGroup(name, tuple(c for _, c in clusters), listeners, pools, identities)
-    return _GroupEntry(path, group, tuple(p for p, _ in clusters))
-
-
-def _identity(r: Reader, value: object, path: str) -> str | None:
-    if isinstance(value, str) and value and value.isprintable() and len(value) <= 1024:
-        return value
-    r.problem(
-        path,
-        f"expected a certificate identity pattern such as 'spiffe://example.org/ns/edge/*' "
-        f"(a non-empty string), got {describe(value)}",
-    )
-    return None
-
-
-def _node_cluster(r: Reader, value: object, path: str) -> str | None:
-    if not isinstance(value, str):
-        r.problem(path, f"expected a node cluster name (a string), got {describe(value)}")
-        return None
-    return r.check_text(value, path)
-
-
-def _read_groups(
-    r: Reader, top: dict[str, Any], listener_names: set[str], pool_names: set[str]
-) -> list[_GroupEntry]:
-    entries = [
-        e
-        for p, v in r.items(top, "node_groups", "")
-        if (e := _read_group(r, v, p, listener_names, pool_names))
-    ]
-    clusters = (
-        (p, c) for e in entries for p, c in zip(e.cluster_paths, e.group.node_clusters, strict=True)
-    )
-    r.duplicates(clusters, "node cluster", "; a node cluster belongs to one group only")
-    return entries
-
-
-def _complete_groups(
-    r: Reader, entries: list[_GroupEntry], listeners: list[tuple[str, Listener]], pools: list[Pool]
-) -> tuple[NodeGroup, ...]:
-    """Add routed pools to each group, add the implicit default group, and check binds."""
-    by_name = {listener.name: listener for _, listener in listeners}
-    groups: list[NodeGroup] = []
-    for entry in entries:
-        members = [by_name[name] for name in entry.group.listeners if name in by_name]
-        wanted = {pool for listener in members for route in listener.routes for pool in route.pools}
-        wanted.update(entry.group.pools)
-        group = replace(entry.group, pools=tuple(p.name for p in pools if p.name in wanted))
-        _check_binds(r, group.name, [(join(entry.path, "listeners"), x) for x in members], "")
-        groups.append(group)
-    if not any(group.name == DEFAULT_GROUP for group in groups):
-        names = tuple(listener.name for _, listener in listeners)
-        groups.append(NodeGroup(DEFAULT_GROUP, (), names, tuple(p.name for p in pools)))
-        hint = "; or define node groups, with a 'default' group for every other node"
-        _check_binds(r, DEFAULT_GROUP, listeners, hint)
-    groups.sort(key=lambda group: group.name == DEFAULT_GROUP)
-    return tuple(groups)
-
-
-def _check_binds(r: Reader, group: str, listeners: list[tuple[str, Listener]], hint: str) -> None:
-    """One Envoy cannot bind the same address and port twice."""
-    first: dict[tuple[str, int], str] = {}
-    for path, listener in listeners:
-        bind = (listener.address, listener.port)
-        if bind in first:
-            r.problem(
-                path,
-                f"listeners {first[bind]!r} and {listener.name!r} both bind {Endpoint(*bind).key} "
-                f"in node group {group!r}: give one of them another port{hint}",
-            )
-        else:
-            first[bind] = listener.name
-
-
 class _Items:
     """Reads a pool or a listener through the memo: its text seen before (with the same
     inputs) gives the same object without reading it again; a read that recorded no
@@ -515,14 +392,14 @@ def _read_config(
         for i, (p, v) in enumerate(r.items(top, "pools", ""))
         if (pool := memo.pool(i, policy_modules, partial(_read_pool, r, v, p, policy_modules)))
     ]
-    entries = _read_groups(r, top, listener_names, pool_names)
+    entries = read_groups(r, top, listener_names, pool_names)
     raw = read_raw(r, top, {"pools": pool_names, "listeners": listener_names})
     for section in ("listeners", "pools", "node_groups"):
         r.duplicates(
             name_entries(top.get(section), section), f"{section[:-1].replace('_', ' ')} name"
         )
     pool_list = [pool for _, pool in pools]
-    groups = _complete_groups(r, entries, listeners, pool_list)
+    groups = complete_groups(r, entries, listeners, pool_list)
     body_router = _read_body_router(r, top)
     return Config(
         r.source, tuple(x for _, x in listeners), tuple(pool_list), groups, raw, body_router
