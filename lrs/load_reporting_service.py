@@ -54,6 +54,7 @@ __all__ = [
     "EARLY_FACTOR",
     "MAX_EARLY",
     "MAX_NODE_ID",
+    "MAX_REPORT_BYTES",
     "METHOD",
     "REASK_AFTER",
     "REPORT_BURST",
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 
 SERVICE: Final = "envoy.service.load_stats.v3.LoadReportingService"
 METHOD: Final = "StreamLoadStats"
+#: Largest load report accepted (a full node is ~61 KB; 2,000 endpoint stats ~200 KB).
+MAX_REPORT_BYTES: Final = 8 * 1024 * 1024
 #: Longest node id kept in a reporter's identity; the rest of a huge id is noise.
 MAX_NODE_ID: Final = 256
 #: Seconds (at least; 4 intervals if longer) before re-asking a reporter for clusters it ignores.
@@ -157,7 +160,7 @@ class LoadReportingService:
         gate: Gate = open_gate,
         authorize: Authorize = _anyone,
         max_streams_per_node: int = 4,
-        max_report_bytes: int = 8 * 1024 * 1024,
+        max_report_bytes: int = MAX_REPORT_BYTES,
     ) -> None:
         """`interval` is the shortest reporting interval asked for; ingest may lengthen it
         up to `max_interval` to keep within `cpu_budget` cores (see lrs.pacing)."""

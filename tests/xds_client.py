@@ -55,10 +55,12 @@ class _Client:
     def __init__(
         self,
         target: str,
+        node: base_pb2.Node,
         method: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """`credentials`: TLS to the server (None: plaintext)."""
+        """`node` goes on the first request; `credentials`: TLS to the server (None: plaintext)."""
+        self.node = node
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target)
         else:
@@ -121,16 +123,6 @@ class _Client:
 class SotwClient(_Client):
     method = ADS + "StreamAggregatedResources"
 
-    def __init__(
-        self,
-        target: str,
-        node: base_pb2.Node,
-        method: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        super().__init__(target, method, credentials)
-        self.node = node
-
     def request(
         self,
         type_url: str,
@@ -163,16 +155,6 @@ class DeltaClient(_Client):
     method = ADS + "DeltaAggregatedResources"
     request_type = discovery_pb2.DeltaDiscoveryRequest
     response_type = discovery_pb2.DeltaDiscoveryResponse
-
-    def __init__(
-        self,
-        target: str,
-        node: base_pb2.Node,
-        method: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        super().__init__(target, method, credentials)
-        self.node = node
 
     def request(
         self,

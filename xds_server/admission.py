@@ -29,6 +29,7 @@ from urllib.parse import unquote
 
 import grpc
 
+from lrs.load_reporting_service import MAX_REPORT_BYTES
 from xds_server.tls import peer_identities
 
 __all__ = ["Admission", "ClientLimits", "Peer", "Refused", "peer_address"]
@@ -53,8 +54,8 @@ class ClientLimits:
     admission_wait: float = 20.0
     #: Largest xDS request (DiscoveryRequest / DeltaDiscoveryRequest) accepted.
     max_xds_request_bytes: int = 1024 * 1024
-    #: Largest LRS report accepted (a full node is ~61 KB; 2,000 endpoint stats ~200 KB).
-    max_lrs_request_bytes: int = 8 * 1024 * 1024
+    #: Largest LRS report accepted (the load reporting service's own default).
+    max_lrs_request_bytes: int = MAX_REPORT_BYTES
     #: Seconds before a connection is asked to reconnect (±10 % jitter), and the grace its
     #: open streams get to finish; 0 disables.
     max_connection_age: float = 1800.0

@@ -23,7 +23,15 @@ from typing import Protocol
 
 import grpc
 
-__all__ = ["ServerTls", "TlsFiles", "TlsFilesError", "identity_allowed", "peer_identities"]
+__all__ = [
+    "ServerTls",
+    "Signature",
+    "TlsFiles",
+    "TlsFilesError",
+    "file_signature",
+    "identity_allowed",
+    "peer_identities",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +54,19 @@ class TlsFiles:
         return (self.cert, self.key, *ca)
 
 
-def _fingerprint(paths: Sequence[Path]) -> tuple[tuple[int, int, int], ...] | None:
+#: Per file (mtime, size, inode, device): what changes when a file is rewritten or replaced.
+Signature = tuple[tuple[int, int, int, int], ...]
+
+
+def file_signature(paths: Sequence[Path]) -> Signature:
+    """How the files stand now, cheaply (stat only); OSError naming the file that is missing.
+    Rotation checks of the gRPC and admin TLS files compare these."""
+    return tuple((s.st_mtime_ns, s.st_size, s.st_ino, s.st_dev) for s in map(os.stat, paths))
+
+
+def _fingerprint(paths: Sequence[Path]) -> Signature | None:
     try:
-        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in map(os.stat, paths))
+        return file_signature(paths)
     except OSError:
         return None
 

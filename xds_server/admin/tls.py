@@ -14,15 +14,14 @@ matches again. Checking costs two stat() calls per handshake.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from pathlib import Path
+
+from xds_server.tls import Signature, file_signature
 
 __all__ = ["AdminTls", "TlsError", "admin_tls"]
 
 log = logging.getLogger(__name__)
-
-_Signature = tuple[tuple[int, int, int, int], ...]
 
 
 class TlsError(Exception):
@@ -58,18 +57,14 @@ class AdminTls:
         self.context = self._load()
         self.context.sni_callback = self._on_hello
         self._current = self.context
-        self._refused: _Signature | None = None  # files that failed to load: not retried
+        self._refused: Signature | None = None  # files that failed to load: not retried
         self._warned = ""
 
-    def _stat(self) -> _Signature:
-        signature = []
-        for path in (self.cert, self.key):
-            try:
-                st = os.stat(path)
-            except OSError as err:
-                raise TlsError(f"admin TLS file {path}: cannot read it: {err}") from err
-            signature.append((st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev))
-        return tuple(signature)
+    def _stat(self) -> Signature:
+        try:
+            return file_signature((self.cert, self.key))
+        except OSError as err:
+            raise TlsError(f"admin TLS file {err.filename}: cannot read it: {err}") from err
 
     def _load(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
