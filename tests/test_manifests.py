@@ -673,7 +673,8 @@ def test_snapshot_configmap_is_a_valid_snapshot(
 
 async def test_a_configmap_update_reaches_the_file_watcher(tmp_path: Path):
     """The kubelet updates a ConfigMap volume by swapping a symlink (`..data`) to a new
-    directory; the snapshot's watcher (polling the path, following links) reloads it."""
+    directory; the snapshot's watcher (file events on the folders the path goes through)
+    reloads it."""
 
     def kubelet_writes(text: str, version: int) -> None:
         payload = tmp_path / f"..2026_01_01_00_00_0{version}.000000000"
