@@ -616,13 +616,15 @@ async def test_proxyless_grpc_client_connects_over_mtls_with_a65_credentials(
         [client] = clients
         # Its client certificate was verified: the registry holds its SPIFFE ID.
         assert client.identities == (GRPC_ID,)
-        assert (client.node_cluster, client.group, client.service) == ("edge", "edge", "ads")
         assert client.protocol == "sotw" and client.user_agent.startswith("gRPC")
         # It asked for the listener by name and ACKed the answer, which holds nothing: the
         # server builds no api_listener resources, so proxyless clients get no routes.
         status = await until(lambda: client.types.get(LISTENER), 5, "listener subscription")
         await until(lambda: status.acked_version, 5, "gRPC client ACKs the listener response")
         assert status.subscribed == ["some-listener"] and status.last_nack is None
+        # Its group is resolved when it is first answered (the registry lists a stream as
+        # soon as its node is known, a moment before that).
+        assert (client.node_cluster, client.group, client.service) == ("edge", "edge", "ads")
         # So its call waits for a configuration that never comes, until its deadline.
         line = (await asyncio.wait_for(child.stdout.readline(), 10)).decode()
         assert line.startswith("DEADLINE_EXCEEDED"), line
