@@ -57,6 +57,7 @@ from typing import Any, Final
 from lrs.contract import MAX_WEIGHT
 from lrs.weights.explanation import Explanation
 from lrs.weights.params import Params
+from lrs.weights.probing import PROBING, UNRESPONSIVE, explore
 from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
 from lrs.weights.tracking import Track, first, fold, report_time
 
@@ -66,8 +67,10 @@ __all__ = [
     "HELD",
     "IDLE",
     "NO_SIGNAL",
+    "PROBING",
     "SATURATED",
     "STALE",
+    "UNRESPONSIVE",
     "HeadroomPolicy",
 ]
 
@@ -78,8 +81,10 @@ STALE: Final = "stale"  # no report for `expiry` seconds: neutral
 HELD: Final = "held"  # too little traffic lately: keeps its last estimate until expiry
 IDLE: Final = "idle"  # too little traffic to estimate capacity, and no recent estimate: neutral
 NO_SIGNAL: Final = "no_signal"  # reports carry none of the configured metrics: neutral
-#: States whose capacity estimate sets the pool's median (the neutral weight).
+#: States with a capacity estimate of their own (probing looks at these).
 _ESTIMATED: Final = (ACTIVE, HELD)
+#: States whose capacity estimate sets the pool's median (the neutral weight).
+_MEDIAN: Final = (ACTIVE, HELD, PROBING, UNRESPONSIVE)
 #: States a saturated endpoint keeps its place out of rotation in.
 _STAYS_SATURATED: Final = (ACTIVE, HELD, IDLE)
 
@@ -122,6 +127,7 @@ class HeadroomPolicy:
             return PoolWeights(endpoints={}, localities={})
         self._refresh(endpoints, rows, now)
         settled = self._mark_saturated(rows, now)
+        explore(rows, now, _ESTIMATED, self.params)
         answer = self._publish(rows, self._set_raw(rows))
         if settled:  # only an answer the same inputs would give again is handed out again
             self._answer = answer
@@ -277,9 +283,12 @@ class HeadroomPolicy:
         alpha = 1.0 - keep ** (observed - track.signal_at)
         track.signal_at = observed
         track.bottleneck = bottleneck
+        track.latest_pressure = pressure
         rps, errors = load.rps, load.error_rps
         track.rps = fold(track.rps, rps, alpha)
-        track.pressure = fold(track.pressure, pressure, alpha)
+        # Capped at twice full for the average: a queue of 20 (pressure 4) kept a recovered
+        # server out of rotation for 5 s of reports after it drained; 2 halves that.
+        track.pressure = fold(track.pressure, pressure if pressure < 2.0 else 2.0, alpha)
         # The error share of requests: at most all of them; NaN compares False.
         errors = 0.0 if not errors > 0.0 else 1.0 if errors >= rps else errors / rps
         # Past saturation (pressure >= 1) an endpoint serves as fast as it can: its throughput
@@ -353,7 +362,7 @@ class HeadroomPolicy:
             if static < 1:
                 static = 1
             capacity = track.capacity
-            if capacity is not None and state in _ESTIMATED:
+            if capacity is not None and state in _MEDIAN:
                 per_static.append(capacity / static)
             if state != SATURATED:
                 serving += 1
@@ -373,7 +382,9 @@ class HeadroomPolicy:
         for track in rows:
             # Active, held (and some saturated) endpoints have a capacity: the rest are neutral.
             raw = track.capacity
-            if raw is None:
+            if raw is not None:
+                raw += track.lift
+            else:
                 static = track.static_weight
                 raw = unit * (static if static > 1 else 1)
             state = track.state

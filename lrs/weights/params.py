@@ -73,6 +73,12 @@ class Params:
     saturation_exit: float = 0.9
     #: Seconds without a fresh signal after which a saturated endpoint comes back anyway.
     probe_after: float = 5.0
+    #: Most a probe of a starved endpoint may raise its pressure (0 turns probing off): an
+    #: endpoint weighted well below its fair share gets that much more traffic until its
+    #: reports show whether its signal follows traffic (lrs.weights.probing).
+    explore_pressure: float = 0.2
+    #: Seconds an endpoint whose estimate a probe confirmed is left alone.
+    explore_cooldown: float = 30.0
     #: With lb_policy least_request, Envoy picks by weight / (requests in flight + 1) ** bias:
     #: our weights set the shares, the bias lets Envoy steer bursts between two pushes
     #: (Envoy's default 1.0; 2.0 measured fewer errors on servers with bounded queues).
@@ -139,6 +145,8 @@ _RANGES: Final[dict[str, _Range]] = {
     "saturated_weight": _FRACTION,
     "saturation_exit": _FRACTION,
     "probe_after": _POSITIVE_SECONDS,
+    "explore_pressure": _Range(0.0, 1.0),
+    "explore_cooldown": _SECONDS,
     "push_interval": _SECONDS,
     "active_request_bias": _Range(0.0, 10.0),
 }

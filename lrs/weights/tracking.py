@@ -53,13 +53,21 @@ class Track:
     __slots__ = (
         "bottleneck",
         "capacity",
+        "cooldown_until",
+        "deaf_until",
         "estimate",
         "estimated_at",
         "key",
         "known_since",
+        "latest_pressure",
+        "lift",
         "load",
         "observed",
         "pressure",
+        "probe_level",
+        "probe_reports",
+        "probe_rps",
+        "probed_at",
         "published",
         "published_state",
         "queue",
@@ -91,6 +99,7 @@ class Track:
         # The latest report taken in and its bottleneck, for the explanation.
         self.load: EndpointLoad | None = None
         self.bottleneck: str | None = None
+        self.latest_pressure = 0.0  # that report's own pressure, unsmoothed
         self.published: float | None = None  # raw weight last published, and in which state
         self.published_state = ""
         self.saturated = False
@@ -99,7 +108,25 @@ class Track:
         self.estimate: float | None = None  # the last capacity estimated from traffic
         self.estimated_at = -math.inf  # report time of the sample it was estimated from
         self.raw = 0.0  # unrounded weight, in capacity units
+        # Probing a starved endpoint (lrs.weights.probing): the capacity added to its weight,
+        # the rate and pressure level the probe started from, reports since, the report
+        # last stepped on, until when its signal counts as deaf to traffic, and until when
+        # it is not probed again.
+        self.lift = 0.0
+        self.probe_rps: float | None = None
+        self.probe_level = 0.0
+        self.probe_reports = 0
+        self.probed_at = -math.inf
+        self.deaf_until = -math.inf
+        self.cooldown_until = -math.inf
 
     def forget_load(self) -> None:
         """After a silence old averages mean nothing: start again from the next report."""
         self.rps = self.pressure = self.utilization = self.estimate = self.queue = None
+        self.end_probe()
+
+    def end_probe(self) -> None:
+        """No lift from here on (the cooldown, if any, is the caller's)."""
+        self.lift = 0.0
+        self.probe_rps = None
+        self.probe_reports = 0
