@@ -2,6 +2,8 @@
 
 `load_reporting_service` (the gRPC LoadReportingService), `wire` (the trimmed message
 classes reports are parsed as), `pacing` (the reporting interval that follows ingest CPU),
+`spread` (which pools each stream is asked to report, so a big fleet reports each pool a
+few times, not once per Envoy),
 `load_store` (windows per cluster / locality / endpoint, merged across reporters),
 `load_window` (the time-bucketed series and per-reporter state the store keeps),
 `contract` (constants shared with the host: maximum weight, ORCA header, raw-bytes

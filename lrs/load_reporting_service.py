@@ -6,6 +6,12 @@ reporting interval and endpoint granularity, and from then on Envoy sends a repo
 interval. A config reload that changes a group's clusters re-sends the LoadStatsResponse
 on that group's open streams, which Envoy applies mid-stream.
 
+Spread reporting (`reporters_per_pool`, see `lrs.spread`): each pool is asked of a few of
+the streams that could report it, spread so each carries a like number of endpoint stats;
+the store scales their rates to the pool's population. A stream that joins or leaves
+re-spreads only what it must (the streams whose lists change are sent a new response);
+a stream asked for nothing reports at `max_interval`.
+
 Every report repeats the node (~61 KB, ~500 extensions), so only a stream's first message
 is parsed as a full LoadStatsRequest; later ones are parsed as `lrs.wire.TrimmedReport`,
 which skips the node and everything else the store does not read.
@@ -35,7 +41,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Protocol, cast
@@ -47,7 +53,8 @@ from google.protobuf.message import DecodeError
 
 from lrs.contract import raw_bytes
 from lrs.load_store import SLICE_STATS, LoadStore, Report
-from lrs.pacing import IntervalGovernor
+from lrs.pacing import EARLY_FACTOR, MAX_EARLY, REPORT_BURST, IntervalGovernor, ReportAllowance
+from lrs.spread import Assignment
 from lrs.wire import TrimmedReport
 
 __all__ = [
@@ -76,13 +83,6 @@ MAX_REPORT_BYTES: Final = 8 * 1024 * 1024
 MAX_NODE_ID: Final = 256
 #: Seconds (at least; 4 intervals if longer) before re-asking a reporter for clusters it ignores.
 REASK_AFTER: Final = 2.0
-
-#: A reporter may send one report per this fraction of the asked interval, with a burst of
-#: REPORT_BURST (a reconnect, jitter, a changed interval); reports past that are early.
-EARLY_FACTOR: Final = 0.5
-REPORT_BURST: Final = 3
-#: Early reports in a row after which a stream is closed (RESOURCE_EXHAUSTED).
-MAX_EARLY: Final = 20
 
 _streams = itertools.count(1)
 
@@ -129,15 +129,13 @@ class _Stream:
         self.identities = peer.identities
         self.reporter = ""  # set by the first message: "peer/node.id#stream id"
         self.node_cluster = ""
-        self.clusters: tuple[str, ...] = ()
+        self.pools: tuple[str, ...] = ()  # the clusters of its node's group
+        self.clusters: tuple[str, ...] = ()  # those it is asked to report (lrs.spread)
         self.outbox: asyncio.Queue[lrs_pb2.LoadStatsResponse | None] = asyncio.Queue()
         self.failure = ""
         self.failure_code = grpc.StatusCode.INVALID_ARGUMENT
         self.asked_at = 0.0  # monotonic time the clusters were last sent
-        self.asked_intervals = (0.0, 0.0)  # the interval asked for before, and now
-        self.reported_at = 0.0  # monotonic time the report allowance was last topped up
-        self.allowance = float(REPORT_BURST)  # reports it may send now (a token bucket)
-        self.early = 0  # early reports in a row
+        self.pace = ReportAllowance()  # how soon it may report again
 
 
 class LoadReportingService:
@@ -161,9 +159,12 @@ class LoadReportingService:
         authorize: Authorize = _anyone,
         max_streams_per_node: int = 4,
         max_report_bytes: int = MAX_REPORT_BYTES,
+        reporters_per_pool: int | None = None,
     ) -> None:
         """`interval` is the shortest reporting interval asked for; ingest may lengthen it
-        up to `max_interval` to keep within `cpu_budget` cores (see lrs.pacing)."""
+        up to `max_interval` to keep within `cpu_budget` cores (see lrs.pacing).
+        `reporters_per_pool`: spread reporting, each pool asked of that many of the streams
+        that could report it (lrs.spread); None asks every stream for all its pools."""
         if not interval > 0:
             raise ValueError("interval must be > 0")
         self.store = store
@@ -172,6 +173,7 @@ class LoadReportingService:
         self.authorize = authorize
         self.max_streams_per_node = max_streams_per_node
         self.max_report_bytes = max_report_bytes
+        self.assignment = Assignment(reporters_per_pool, store.size)
         self.interval = interval
         self.governor = governor or IntervalGovernor(interval, cpu_budget, max_interval)
         self.slice_stats = slice_stats
@@ -224,24 +226,46 @@ class LoadReportingService:
         return [grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})]
 
     def clusters_changed(self) -> None:
-        """Re-send LoadStatsResponse on streams whose group's clusters changed."""
+        """Re-send LoadStatsResponse on streams whose asked-for clusters changed: their
+        group's clusters changed, or the assignment moved some to or from them."""
         lists: dict[str, tuple[str, ...]] = {}
+        regrouped: dict[int, tuple[str, ...]] = {}
+        self.assignment.resize()
         for stream in self._streams.values():
             if not stream.reporter:
                 continue
-            clusters = lists.get(stream.node_cluster)
-            if clusters is None:
-                clusters = lists[stream.node_cluster] = self._clusters(stream.node_cluster)
-            if clusters != stream.clusters:
+            pools = lists.get(stream.node_cluster)
+            if pools is None:
+                pools = lists[stream.node_cluster] = self._clusters(stream.node_cluster)
+            if pools != stream.pools:
+                stream.pools = regrouped[stream.id] = pools
+        self._reassigned(self.assignment.regroup(regrouped), self.assignment.pools())
+
+    def _reassigned(
+        self, changed: Iterable[int], pools: Iterable[str], first: _Stream | None = None
+    ) -> None:
+        """Ask the `changed` streams (and a new stream, `first`) for the clusters now
+        assigned to them, and tell the store the population of those of `pools` that
+        only some of their reporters report."""
+        for stream_id in changed:
+            stream = self._streams.get(stream_id)
+            if stream is None or not stream.reporter:
+                continue
+            clusters = self.assignment.clusters(stream_id)
+            if clusters != stream.clusters or stream is first:
                 stream.clusters = clusters
                 self._ask(stream)
+        for pool in pools:  # a pool every reporter reports needs no scaling
+            population = self.assignment.population(pool)
+            spread = self.assignment.holders(pool) < population
+            self.store.set_population(pool, population if spread else None)
 
     def _clusters(self, node_cluster: str) -> tuple[str, ...]:
         return tuple(self.clusters_for(node_cluster))
 
-    def _response(self, clusters: tuple[str, ...]) -> lrs_pb2.LoadStatsResponse:
+    def _response(self, clusters: tuple[str, ...], seconds: float) -> lrs_pb2.LoadStatsResponse:
         interval = duration_pb2.Duration()
-        interval.FromNanoseconds(round(self.reporting_interval * 1e9))
+        interval.FromNanoseconds(round(seconds * 1e9))
         return lrs_pb2.LoadStatsResponse(
             clusters=clusters, load_reporting_interval=interval, report_endpoint_granularity=True
         )
@@ -269,6 +293,7 @@ class LoadReportingService:
             del self._streams[stream.id]
             if stream.reporter:
                 self.store.forget_reporter(stream.reporter)
+                self._reassigned(self.assignment.leave(stream.id), stream.pools)
 
     async def _read(self, stream: _Stream, requests: AsyncIterator[bytes]) -> None:
         try:
@@ -348,8 +373,9 @@ class LoadReportingService:
             return None
         stream.reporter = f"{node}#{stream.id}"
         stream.node_cluster = request.node.cluster
-        stream.clusters = self._clusters(stream.node_cluster)
-        self._ask(stream)
+        stream.pools = self._clusters(stream.node_cluster)
+        joined = self.assignment.join(stream.id, node, stream.pools)
+        self._reassigned(joined, stream.pools, first=stream)
         return request
 
     def _parse(self, stream: _Stream, payload: bytes) -> Report | None:
@@ -391,7 +417,7 @@ class LoadReportingService:
         )
         self.store.set_window(max(self._base_window, self._base_window * interval / self.interval))
         for stream in self._streams.values():
-            if stream.reporter:
+            if stream.clusters:
                 self._ask(stream)
 
     def stream_ids(self) -> list[int]:
@@ -406,32 +432,27 @@ class LoadReportingService:
             stream.outbox.put_nowait(None)
 
     def _ask(self, stream: _Stream) -> None:
+        """Send the stream its clusters and interval. A stream asked for no cluster (spread
+        reporting has enough reporters of its pools) reports at the longest interval: its
+        reports are empty, but each still carries the ~61 KB node through gRPC (about a
+        quarter of a millisecond of CPU, bench/lrs_ingest.py's raw server)."""
+        seconds = self.reporting_interval if stream.clusters else self.governor.max_interval
         stream.asked_at = time.monotonic()
-        stream.asked_intervals = (stream.asked_intervals[1], self.reporting_interval)
-        stream.outbox.put_nowait(self._response(stream.clusters))
+        stream.pace.asked(seconds)
+        stream.outbox.put_nowait(self._response(stream.clusters, seconds))
 
     def _early(self, stream: _Stream, now: float) -> bool:
-        """Whether a report comes sooner than the asked interval allows (dropped unparsed).
-
-        Envoy reports once per asked interval; right after the interval changes it may
-        still be on the old one, so the shorter of the last two asked counts."""
-        period = EARLY_FACTOR * min(i for i in stream.asked_intervals if i > 0)
-        if stream.reported_at:
-            refill = (now - stream.reported_at) / period
-            stream.allowance = min(float(REPORT_BURST), stream.allowance + refill)
-        stream.reported_at = now
-        if stream.allowance >= 1.0:
-            stream.allowance -= 1.0
-            stream.early = 0
+        """Whether a report comes sooner than the asked interval allows (dropped unparsed);
+        after MAX_EARLY in a row the stream is closed."""
+        if stream.pace.take(now):
             return False
         self.reports_early += 1
-        stream.early += 1
-        if stream.early >= MAX_EARLY:
+        if stream.pace.early >= MAX_EARLY:
             self._refuse(
                 stream,
                 "report_rate",
                 f"{MAX_EARLY} reports in a row came sooner than the asked interval of "
-                f"{stream.asked_intervals[1]:g} s; honour load_reporting_interval",
+                f"{stream.pace.intervals[1]:g} s; honour load_reporting_interval",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
             stream.outbox.put_nowait(None)

@@ -36,7 +36,6 @@ from dataclasses import asdict
 from operator import attrgetter
 from typing import Any, Final, Protocol, cast
 
-from envoy.config.endpoint.v3 import load_report_pb2
 from google.protobuf import duration_pb2
 
 from lrs.claims import (
@@ -50,7 +49,7 @@ from lrs.claims import (
 )
 from lrs.load_window import Addresses, Cluster, Reporter, ReporterState, Series, endpoint_address
 from lrs.weights.signals import EndpointLoad
-from lrs.wire import TrimmedReport
+from lrs.wire import TrimmedReport, unnamed_metrics
 
 __all__ = [
     "MAX_ENDPOINT_RPS",
@@ -58,7 +57,6 @@ __all__ = [
     "METRIC_WEIGHT_CAP",
     "MIN_INTERVAL",
     "SLICE_STATS",
-    "UNNAMED_METRICS",
     "LoadStore",
     "Report",
     "trimmed",
@@ -67,8 +65,6 @@ __all__ = [
 #: Plausible `load_report_interval` range in seconds; Envoy measures it, so outside is bad.
 MIN_INTERVAL: Final = 0.001
 MAX_INTERVAL: Final = 3600.0
-#: Locality-level ORCA fields of UpstreamLocalityStats, kept under their metric names.
-UNNAMED_METRICS: Final = ("cpu_utilization", "mem_utilization", "application_utilization")
 #: Requests one report may weigh with in an endpoint's metric mean (see the module docstring).
 METRIC_WEIGHT_CAP: Final = 4
 #: Requests per second one reporter may claim for one endpoint; an LLM server finishes tens.
@@ -193,6 +189,18 @@ class LoadStore:
         for cluster in self._clusters.values():
             cluster.refile(index_of)
 
+    def set_population(self, cluster: str, reporters: int | None) -> None:
+        """With spread reporting: the reporters `cluster`'s reporters stand for (see
+        `lrs.spread`); rates and in-flight levels are scaled up to them. None: no scaling."""
+        found = self._clusters.get(cluster)
+        if found is not None:
+            found.population = reporters
+
+    def size(self, cluster: str) -> int:
+        """Known endpoints of `cluster`: the stats one report of it carries at most."""
+        found = self._clusters.get(cluster)
+        return 0 if found is None else len(found.endpoints)
+
     @property
     def reporters(self) -> int:
         """Reporters the store knows now (at most max_reporters)."""
@@ -298,7 +306,7 @@ class LoadStore:
             locality = self._locality(cluster, locality_stats.locality.zone, oldest)
             if locality is not None:
                 counts = _STAT_ROW(locality_stats)
-                row = (locality, *counts[:4], [*counts[4], *_unnamed_metrics(locality_stats)])
+                row = (locality, *counts[:4], [*counts[4], *unnamed_metrics(locality_stats)])
                 self._merge([row], _same, levels, now, index, claim)
             rows = list(map(_ENDPOINT_ROW, locality_stats.upstream_endpoint_stats))
             for start in range(0, len(rows), size):
@@ -432,8 +440,12 @@ class LoadStore:
         newest = math.floor(now / self._width)
         oldest = newest - self._buckets + 1
         cluster.expire(oldest * self._width)
-        span = cluster.span(oldest, newest)
-        return {s.key: s.read(oldest, newest, span, now) for s in series if s.last_index >= oldest}
+        span, scale = cluster.span(oldest, newest), cluster.level_scale()
+        return {
+            s.key: s.read(oldest, newest, span, now, scale)
+            for s in series
+            if s.last_index >= oldest
+        }
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A JSON-ready view for the admin API: counters, and per cluster what pool_load sees."""
@@ -460,23 +472,3 @@ class LoadStore:
 
 def _same(series: Series) -> Series:
     return series
-
-
-def _unnamed_metrics(stats: Any) -> list[Any]:
-    """The locality's dedicated cpu/mem/application utilization fields, as named metric sums.
-
-    Envoy 1.40 leaves them empty (it reports these under their names in load_metric_stats),
-    but other reporters (proxyless gRPC) may set them.
-    """
-    found = []
-    for name in UNNAMED_METRICS:
-        if stats.HasField(name):
-            field = getattr(stats, name)
-            found.append(
-                load_report_pb2.EndpointLoadMetricStats(
-                    metric_name=name,
-                    num_requests_finished_with_metric=field.num_requests_finished_with_metric,
-                    total_metric_value=field.total_metric_value,
-                )
-            )
-    return found

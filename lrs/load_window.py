@@ -137,8 +137,11 @@ class Series:
         names[name] = index
         return True
 
-    def read(self, oldest: int, newest: int, span: float, now: float) -> EndpointLoad:
-        """The merged load over buckets oldest..newest; counts become rates over `span`."""
+    def read(
+        self, oldest: int, newest: int, span: float, now: float, level_scale: float = 1.0
+    ) -> EndpointLoad:
+        """The merged load over buckets oldest..newest; counts become rates over `span`,
+        the summed in-flight levels are multiplied by `level_scale` (Cluster.level_scale)."""
         success = error = issued = 0
         sums: dict[str, list[float]] = {}
         for bucket in self.ring:
@@ -158,7 +161,7 @@ class Series:
             rps=(success + error) / span,
             error_rps=error / span,
             issued_rps=issued / span,
-            in_progress=float(self.in_progress),
+            in_progress=self.in_progress * level_scale,
             metrics={name: total / num for name, (num, total) in sums.items()},
             age=max(0.0, now - self.last_seen),
             reporters=self.reporters,
@@ -233,7 +236,7 @@ class Addresses(dict[bytes, "Series | None"]):
 class Cluster:
     """One tracked cluster: its known endpoints, its localities, and who reports it."""
 
-    __slots__ = ("addresses", "cover", "endpoints", "localities", "states")
+    __slots__ = ("addresses", "cover", "endpoints", "localities", "population", "states")
 
     def __init__(self, buckets: int) -> None:
         self.endpoints: dict[tuple[str, int], Series] = {}
@@ -243,6 +246,10 @@ class Cluster:
         self.states: dict[str, ReporterState] = {}
         #: Per bucket [index, sum of the report intervals that arrived in it].
         self.cover: list[list[float] | None] = [None] * buckets
+        #: With spread reporting, the reporters that could report this cluster, of which
+        #: only some are asked to: what they report stands for all of them. None: the
+        #: reporters heard from are all there are (every reporter reports every cluster).
+        self.population: int | None = None
 
     def expire(self, cutoff: float) -> None:
         """Forget the levels of reporters that have not reported this cluster since cutoff."""
@@ -282,9 +289,20 @@ class Cluster:
         For one reporter that is exactly the time its reports in the window cover; for
         several that joined at different times (or report out of phase) it is their mean,
         so a reporter that just joined does not make the others' rates look smaller.
+        With a population (spread reporting), the reporter-seconds covered divided by it:
+        counts per reporter-second times the reporters they stand for, so the rate is
+        scaled by the covered fraction, and a holder handing the cluster to another
+        mid-window changes neither the counts nor the time they cover.
         """
         covered = sum(c[1] for c in self.cover if c is not None and oldest <= c[0] <= newest)
-        return max(covered / max(len(self.states), 1), MIN_SPAN)
+        return max(covered / max(self.population or len(self.states), 1), MIN_SPAN)
+
+    def level_scale(self) -> float:
+        """What the live reporters' summed in-flight levels are multiplied by: with spread
+        reporting, their mean times the population; else 1 (the sum is the fleet's)."""
+        if self.population is None or not self.states:
+            return 1.0
+        return self.population / len(self.states)
 
 
 class Reporter:

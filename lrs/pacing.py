@@ -14,7 +14,16 @@ import math
 from collections import deque
 from typing import Final
 
-__all__ = ["LOWER_BELOW", "MIN_CHANGE", "TARGET_SHARE", "IntervalGovernor"]
+__all__ = [
+    "EARLY_FACTOR",
+    "LOWER_BELOW",
+    "MAX_EARLY",
+    "MIN_CHANGE",
+    "REPORT_BURST",
+    "TARGET_SHARE",
+    "IntervalGovernor",
+    "ReportAllowance",
+]
 
 #: After a change, aim this far under the budget, so a steady load does not flap.
 TARGET_SHARE: Final = 0.8
@@ -22,6 +31,12 @@ TARGET_SHARE: Final = 0.8
 LOWER_BELOW: Final = 0.4
 #: Ignore proposals within this relative distance of the current interval.
 MIN_CHANGE: Final = 0.1
+#: A reporter may send one report per this fraction of the asked interval, with a burst of
+#: REPORT_BURST (a reconnect, jitter, a changed interval); reports past that are early.
+EARLY_FACTOR: Final = 0.5
+REPORT_BURST: Final = 3
+#: Early reports in a row after which a stream is closed (RESOURCE_EXHAUSTED).
+MAX_EARLY: Final = 20
 
 
 class IntervalGovernor:
@@ -95,3 +110,36 @@ class IntervalGovernor:
         oldest = math.floor(now - self.span)
         while self._seconds and self._seconds[0][0] < oldest:
             self._seconds.popleft()
+
+
+class ReportAllowance:
+    """One stream's side of the pace: reports sooner than its asked interval allows are
+    early (a token bucket), so one reporter cannot make ingest, and with it everyone's
+    interval, costlier by reporting faster than asked."""
+
+    __slots__ = ("at", "early", "intervals", "tokens")
+
+    def __init__(self) -> None:
+        self.intervals = (0.0, 0.0)  # the interval asked for before, and now
+        self.at = 0.0  # time the bucket was last topped up
+        self.tokens = float(REPORT_BURST)  # reports it may send now
+        self.early = 0  # early reports in a row
+
+    def asked(self, seconds: float) -> None:
+        self.intervals = (self.intervals[1], seconds)
+
+    def take(self, now: float) -> bool:
+        """Whether a report arriving at `now` is on time (else early).
+
+        Envoy reports once per asked interval; right after the interval changes it may
+        still be on the old one, so the shorter of the last two asked counts."""
+        period = EARLY_FACTOR * min(i for i in self.intervals if i > 0)
+        if self.at:
+            self.tokens = min(float(REPORT_BURST), self.tokens + (now - self.at) / period)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.early = 0
+            return True
+        self.early += 1
+        return False

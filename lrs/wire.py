@@ -18,15 +18,17 @@ UnnamedEndpointLoadMetricStats), so values read the same as from the full messag
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import load_report_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.message import Message
 
-__all__ = ["TrimmedReport"]
+__all__ = ["UNNAMED_METRICS", "TrimmedReport", "unnamed_metrics"]
 
+#: Locality-level ORCA fields of UpstreamLocalityStats, read as metrics of these names.
+UNNAMED_METRICS: Final = ("cpu_utilization", "mem_utilization", "application_utilization")
 _FILE: Final = "xds_server_lrs_wire.proto"
 _PACKAGE: Final = "xds_server.lrs.wire"
 _F = descriptor_pb2.FieldDescriptorProto
@@ -106,3 +108,23 @@ def _message_class(name: str) -> type[Message]:
 
 #: A LoadStatsRequest as the store reads it: cluster_stats only, endpoint addresses as bytes.
 TrimmedReport: Final = _message_class("Report")
+
+
+def unnamed_metrics(stats: Any) -> list[Any]:
+    """The locality's dedicated cpu/mem/application utilization fields, as named metric sums.
+
+    Envoy 1.40 leaves them empty (it reports these under their names in load_metric_stats),
+    but other reporters (proxyless gRPC) may set them.
+    """
+    found = []
+    for name in UNNAMED_METRICS:
+        if stats.HasField(name):
+            field = getattr(stats, name)
+            found.append(
+                load_report_pb2.EndpointLoadMetricStats(
+                    metric_name=name,
+                    num_requests_finished_with_metric=field.num_requests_finished_with_metric,
+                    total_metric_value=field.total_metric_value,
+                )
+            )
+    return found

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from lrs.load_reporting_service import LoadReportingService
 from lrs.load_store import LoadStore
+from lrs.spread import REPORTERS_PER_POOL
 from lrs.weights.engine import Loads, WeightEngine
 from lrs.weights.signals import PoolWeights
 from xds_server.admin import AdminApi, start_admin
@@ -65,6 +66,8 @@ class Settings:
     router_port: int = 18001  # the body router (ext_proc); 0 picks a free port
     lrs_interval: float = 1.0  # seconds between an Envoy's load reports
     lrs_cpu_budget: float = 0.5  # cores of report merging before reporters are slowed down
+    #: Spread reporting: each pool asked of this many Envoys (lrs.spread); None: of all.
+    lrs_reporters_per_pool: int | None = REPORTERS_PER_POOL
     weight_tick: float = 0.25  # seconds between weight recomputations
     #: Modules (and their submodules) whose custom weight policies the file may name;
     #: others are refused before they are imported (--allow-policy-module).
@@ -152,6 +155,7 @@ class ControlPlane:
             gate=self.admission.gate,
             authorize=self._authorize,
             max_report_bytes=settings.limits.max_lrs_request_bytes,
+            reporters_per_pool=settings.lrs_reporters_per_pool,
         )
         loads: Loads = self.store.pool_load
         if self.replication is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from xds_server import __version__
 from xds_server.serve_options import (
     add_limit_arguments,
+    add_spread_argument,
     add_tls_arguments,
 )
 
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tls_arguments(serve, "the gRPC ports (xDS + LRS, body router)")
     add_limit_arguments(serve)
+    add_spread_argument(serve)
     _add_policy_argument(serve)
 
     validate = sub.add_parser(

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from xds_server.serve_options import client_limits, tls_files
+from xds_server.serve_options import client_limits, reporters_per_pool, tls_files
 
 __all__ = ["body_router", "serve"]
 
@@ -44,6 +44,7 @@ async def serve(args: argparse.Namespace, snapshot: Path) -> int:
         admin_allowed_hosts=tuple(args.admin_allowed_host),
         lrs_interval=args.lrs_interval,
         lrs_cpu_budget=args.lrs_cpu_budget,
+        lrs_reporters_per_pool=reporters_per_pool(args),
         tls=tls_files(args),
         limits=client_limits(args),
         allowed_policy_modules=tuple(args.allow_policy_module),

@@ -10,10 +10,18 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from lrs.spread import REPORTERS_PER_POOL
 from xds_server.admission import ClientLimits
 from xds_server.tls import TlsFiles
 
-__all__ = ["add_limit_arguments", "add_tls_arguments", "client_limits", "tls_files"]
+__all__ = [
+    "add_limit_arguments",
+    "add_spread_argument",
+    "add_tls_arguments",
+    "client_limits",
+    "reporters_per_pool",
+    "tls_files",
+]
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser, where: str) -> None:
@@ -72,6 +80,23 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
         return number
 
     return parse
+
+
+def add_spread_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lrs-reporters-per-pool",
+        type=_non_negative(int),
+        default=REPORTERS_PER_POOL,
+        metavar="K",
+        help="spread load reporting: each pool is asked of K of the Envoys that could report "
+        "it (all of them when fewer) and their rates are scaled to the rest; 0 asks every "
+        f"Envoy for every pool (default {REPORTERS_PER_POOL})",
+    )
+
+
+def reporters_per_pool(args: argparse.Namespace) -> int | None:
+    """--lrs-reporters-per-pool as the service takes it: None for full reporting."""
+    return int(args.lrs_reporters_per_pool) or None
 
 
 def tls_files(args: argparse.Namespace) -> TlsFiles | None:
