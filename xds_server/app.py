@@ -97,7 +97,7 @@ class ControlPlane:
         self.cache = ResourceCache()
         self.registry = ClientRegistry()
         self.publisher = Publisher(self.cache)
-        self.store = LoadStore(window=max(5.0, 4 * settings.lrs_interval))
+        self.store = LoadStore(window=max(2.0, 2 * settings.lrs_interval))
         self.replication: Replication | None = None
         if settings.redis is not None:
             self.replication = Replication(

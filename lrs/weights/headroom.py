@@ -321,9 +321,14 @@ class HeadroomPolicy:
             if pressure is None or now >= track.signal_at + probe_after:
                 keep = False
             elif track.saturated:  # held until its pressure falls below saturation_exit
-                keep = pressure >= exit_level and track.state in _STAYS_SATURATED
-            else:
-                keep = pressure >= 1.0 and track.state == ACTIVE
+                # The average, or the latest report: a server that drained says so at once,
+                # while the average of its full reports lags for seconds.
+                keep = (
+                    min(pressure, track.latest_pressure) >= exit_level
+                    and track.state in _STAYS_SATURATED
+                )
+            else:  # both must agree, or one low report would let it flap in and out
+                keep = min(pressure, track.latest_pressure) >= 1.0 and track.state == ACTIVE
             if keep:
                 candidates.append(track)
             elif track.capacity is not None:
