@@ -77,41 +77,65 @@ def explore(rows: list[Track], now: float, estimated: tuple[str, ...], p: Params
     added to the weight) and, for unresponsive endpoints, `capacity`; marks both states.
     Steps once per new report of an endpoint; `estimated` are the states that carry a
     capacity estimate (ACTIVE, HELD)."""
-    step = p.explore_pressure
-    weighed = [t for t in rows if t.state in estimated and t.capacity is not None]
-    if step <= 0.0 or len(weighed) < 2:
-        for track in rows:
+    weighed = []
+    for track in rows:
+        if track.state in estimated and track.capacity is not None:
+            weighed.append(track)
+        elif track.probe_rps is not None or track.deaf_until != -math.inf:
+            track.end_probe()
+            track.deaf_until = -math.inf
+    count = len(weighed)
+    if p.explore_pressure <= 0.0 or count < 2:
+        for track in weighed:
             track.end_probe()
             track.deaf_until = -math.inf
         return
-    typical = sum(t.latest_pressure for t in weighed) / len(weighed)
-    for track in rows:
-        if track.state not in estimated or track.capacity is None:
-            track.end_probe()
-            track.deaf_until = -math.inf
-        elif _alive(track, typical, p):
-            _cool(track, now, p)  # the signal moved after all (it lagged): trust it
+    typical = sum(t.latest_pressure for t in weighed) / count
+    deaf = probing = False
+    for track in weighed:
+        if track.probe_rps is not None or track.deaf_until > now:
+            if _alive(track, typical, p):
+                _cool(track, now, p)  # the signal moved after all (it lagged): trust it
+            else:
+                probing = probing or track.probe_rps is not None
+                deaf = deaf or track.deaf_until > now
     # Less traffic to an overfed endpoint is more for all the others: only in a pool where
     # a flat signal was found, one such probe at a time, none while another is under way.
-    downward = any(t.deaf_until > now for t in weighed) and all(
-        t.probe_rps is None for t in weighed
-    )
-    sure = [t for t in weighed if t.deaf_until <= now]
-    unit = _median_per_static(sure or weighed)
+    downward = deaf and not probing
+    per_static = [(t.capacity or 0.0) / max(t.static_weight, 1) for t in weighed]
+    unit = 0.0  # the median capacity per static weight of the estimates not in doubt
+    if deaf:
+        unit = _median(
+            [v for v, t in zip(per_static, weighed, strict=True) if t.deaf_until <= now]
+            or per_static
+        )
+        per_static = [
+            unit if t.deaf_until > now else v for v, t in zip(per_static, weighed, strict=True)
+        ]
     # Each endpoint's fair share is the mean of the others: the sum over all, less its own.
-    total = sum(unit if t.deaf_until > now else _per_static(t) for t in weighed)
-    for track in weighed:
+    total = sum(per_static)
+    for track, own in zip(weighed, per_static, strict=True):
         static = max(track.static_weight, 1)
-        if track.deaf_until <= now and track.observed > track.probed_at:
-            track.probed_at = track.observed
-            fair = static * (total - _per_static(track)) / (len(weighed) - 1)
-            _step(track, now, fair, downward, typical, p)
-            downward = downward and track.probe_rps is None
         if track.deaf_until > now:
             track.capacity = unit * static
             track.state = UNRESPONSIVE
-        elif track.lift:
+            continue
+        if track.observed > track.probed_at:
+            track.probed_at = track.observed
+            _step(track, now, static * (total - own) / (count - 1), downward, typical, p)
+            downward = downward and track.probe_rps is None
+            if track.deaf_until > now:  # judged just now: weighted as such from this call
+                unit = unit or _median(per_static)
+                track.capacity = unit * static
+                track.state = UNRESPONSIVE
+                continue
+        if track.lift:
             track.state = PROBING
+
+
+def _median(values: list[float]) -> float:
+    """The upper median, as the policy's neutral weight takes it."""
+    return sorted(values)[len(values) // 2]
 
 
 def _alive(track: Track, typical: float, p: Params) -> bool:
@@ -135,15 +159,6 @@ def _level(pressure: float, typical: float) -> bool:
     as much headroom as the others have (a slowed server with a queue the others do not
     have is slow, whether or not its queue grew under a probe)."""
     return pressure <= 1.25 * typical + _NOISE
-
-
-def _per_static(track: Track) -> float:
-    return (track.capacity or 0.0) / max(track.static_weight, 1)
-
-
-def _median_per_static(tracks: list[Track]) -> float:
-    ordered = sorted(map(_per_static, tracks))
-    return ordered[len(ordered) // 2]
 
 
 def _step(track: Track, now: float, fair: float, downward: bool, typical: float, p: Params) -> None:
