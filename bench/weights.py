@@ -3,20 +3,23 @@
 Every round gives each pool fresh load reports (new values, so every sample is
 folded into the averages: the full path, not the "nothing new" shortcut) and times
 one `compute` per pool, back to back, as the weight engine would run them. Inputs are
-built before the clock starts. Target: a full recompute of 10,000 endpoints (500
-pools x 20) under 20 ms.
+built before the clock starts. Target (issue 14): a full recompute of 10,000 endpoints
+(500 pools x 20) under 20 ms; judged only at that size.
 
-Each round is followed by a quiet tick, QUIET_TICK seconds later: the same reports,
-grown older, as the store hands them over on an engine tick between two LRS reports.
-Nothing is new, so every pool should give its previous answer back.
+Between two rounds the engine ticks again every QUIET_TICK seconds, as it does in the
+product. Each pool is reported by `--envoys` Envoys whose reports arrive out of step (each
+at its own phase of the interval): on such a tick a pool whose reporter reported since the
+previous tick has new data and is recomputed, the others hand back their previous answer.
+The figure that matters for a core's budget is the CPU per second over all ticks.
 
 Signals are drawn to look like a vLLM fleet behind Envoy: each endpoint has a
 steady 1-20 requests/s and 10-90 % KV-cache use, jittered every round; 5 % are
 hot (KV-cache full, a queue of 4-12: the saturation path runs); a few report
-errors, 2 % of reports are missing and 1 % of endpoints are new (blackout).
+errors, 2 % of reports are missing and 1 % of endpoints are new (blackout). The signals
+do not answer the weights (open loop), so probing finds many of them flat.
 
     .venv/bin/python bench/weights.py                    # 500 pools x 20, 50 rounds
-    .venv/bin/python bench/weights.py --pools 50 --repeat 20
+    .venv/bin/python bench/weights.py --pools 50 --repeat 20 --envoys 8
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ from lrs.weights.params import Params
 from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
 
 TARGET_MS = 20.0
+#: The fleet size the target is set for.
+TARGET_ENDPOINTS = 10_000
 ZONES = ("zone-a", "zone-b", "zone-c")
 #: Seconds between rounds: the LRS reporting interval the engine would recompute on.
 INTERVAL = 1.0
-#: Seconds from a round to its quiet tick: the weight engine's default tick.
+#: The weight engine's default tick: rounds are INTERVAL apart, ticks QUIET_TICK apart.
 QUIET_TICK = 0.25
+TICKS = round(INTERVAL / QUIET_TICK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +79,10 @@ def fleet(rng: random.Random, pools: int, size: int) -> list[list[Profile]]:
 
 
 def fleet_round(
-    rng: random.Random, profiles: list[list[Profile]], now: float
+    rng: random.Random, profiles: list[list[Profile]], now: float, max_age: float = 0.9
 ) -> list[list[EndpointInput]]:
-    """One round of inputs for every pool: fresh reports, a few missing, a few new endpoints."""
+    """One round of inputs for every pool: fresh reports (up to `max_age` seconds old), a few
+    missing, a few new endpoints."""
     result = []
     for pool in profiles:
         endpoints = []
@@ -96,7 +103,7 @@ def fleet_round(
                             rng.uniform(4.0, 12.0) if profile.hot else 0.0
                         ),
                     },
-                    age=rng.uniform(0.0, 0.9),
+                    age=rng.uniform(0.0, max_age),
                     reporters=3,
                 )
             endpoints.append(
@@ -176,35 +183,58 @@ class Timer:
         }
 
 
-def run(pools: int, size: int, repeat: int, warmup: int, seed: int) -> dict[str, Any]:
+def run(pools: int, size: int, repeat: int, warmup: int, seed: int, envoys: int) -> dict[str, Any]:
     rng = random.Random(seed)
     profiles = fleet(rng, pools, size)
+    # When in the interval each pool's reporters report: out of step, as real Envoys do.
+    phases = [[rng.random() * INTERVAL for _ in range(envoys)] for _ in range(pools)]
     engine = Engine([HeadroomPolicy(Params()) for _ in range(pools)])
-    full, quiet = Timer(), Timer()
+    full, between = Timer(), Timer()
     states: dict[str, int] = {}
-    reused = 0
+    fresh_pools = reused = 0
     now = 1000.0
     for round_number in range(warmup + repeat):
         record = round_number >= warmup
         now += INTERVAL
         inputs = fleet_round(rng, profiles, now)
         results = full.tick(engine, inputs, now, record)
-        later = aged(inputs, QUIET_TICK)
-        again = quiet.tick(engine, later, now + QUIET_TICK, record)
         if record:
-            reused += sum(one is two for one, two in zip(results, again, strict=True))
             for weights in results:
                 for why in weights.explain.values():
                     state = str(why["state"])
                     states[state] = states.get(state, 0) + 1
-        del results, again  # the engine alone holds the answers, and lets them go when timed
+        for tick in range(1, TICKS):
+            since, until = (tick - 1) * QUIET_TICK, tick * QUIET_TICK
+            fresh = [any(since < at <= until for at in pool) for pool in phases]
+            # Pools reported since the previous tick get new reports; the others the same
+            # reports, older (new objects, as the store builds them on each tick).
+            newer = fleet_round(rng, profiles, now + until, max_age=0.0)
+            older = aged(inputs, QUIET_TICK)
+            inputs = [
+                new if is_fresh else old
+                for new, old, is_fresh in zip(newer, older, fresh, strict=True)
+            ]
+            again = between.tick(engine, inputs, now + until, record)
+            if record:
+                fresh_pools += sum(fresh)
+                reused += sum(one is two for one, two in zip(results, again, strict=True))
+            results = again
+        del results  # the engine alone holds the answers, and lets them go when timed
     endpoints = pools * size
-    figures = full.figures("") | quiet.figures("quiet_")
+    figures = full.figures("") | between.figures("between_")
+    ticks_between = repeat * (TICKS - 1)
     return figures | {
         "endpoints": endpoints,
+        "envoys_per_pool": envoys,
         "rounds": repeat,
         "us_per_endpoint": figures["median_ms"] * 1000.0 / endpoints,
-        "quiet_reused_share": reused / (repeat * pools),
+        "between_fresh_share": fresh_pools / (ticks_between * pools),
+        "between_reused_share": reused / (ticks_between * pools),
+        # One full recompute and TICKS - 1 ticks between per interval: a core's share.
+        "cpu_ms_per_second": (
+            figures["cpu_median_ms"] + (TICKS - 1) * figures["between_cpu_median_ms"]
+        )
+        / INTERVAL,
         "load_average": os.getloadavg()[0],
         "states_per_round": {k: v / repeat for k, v in sorted(states.items())},
     }
@@ -227,15 +257,24 @@ def report(figures: dict[str, Any], pools: int, per_pool: int) -> str:
         f"  full garbage collections within the timed rounds: {figures['full_collections']}"
     )
     lines.append(
-        f"quiet tick ({QUIET_TICK:g} s later, no new report): "
-        f"median {figures['quiet_median_ms']:.2f} ms   p99 {figures['quiet_p99_ms']:.2f} ms   "
-        f"({figures['quiet_median_ms'] / figures['median_ms']:.0%} of a full recompute; "
-        f"{figures['quiet_reused_share']:.0%} of the answers given back unchanged)"
+        f"ticks between rounds (every {QUIET_TICK:g} s, {figures['envoys_per_pool']} Envoys per "
+        f"pool reporting out of step): median {figures['between_median_ms']:.2f} ms   "
+        f"p99 {figures['between_p99_ms']:.2f} ms   "
+        f"({figures['between_fresh_share']:.0%} of the pools with new reports, "
+        f"{figures['between_reused_share']:.0%} of the answers given back unchanged)"
+    )
+    lines.append(
+        f"  weight engine CPU per second of reports: {figures['cpu_ms_per_second']:.0f} ms"
     )
     states = ", ".join(f"{k} {v:.0f}" for k, v in figures["states_per_round"].items())
     lines.append(f"  endpoint states per round: {states}")
-    verdict = "met" if figures["median_ms"] < TARGET_MS else "NOT met"
-    lines.append(f"  target: median under {TARGET_MS:.0f} ms: {verdict}")
+    if figures["endpoints"] == TARGET_ENDPOINTS:
+        verdict = "met" if figures["median_ms"] < TARGET_MS else "NOT met"
+    else:
+        verdict = (
+            f"judged at {TARGET_ENDPOINTS:,} endpoints only (this run: {figures['endpoints']:,})"
+        )
+    lines.append(f"  target: full recompute median under {TARGET_MS:.0f} ms: {verdict}")
     return "\n".join(lines)
 
 
@@ -246,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=50, help="timed rounds (default 50)")
     parser.add_argument("--warmup", type=int, default=15, help="untimed rounds first (15)")
     parser.add_argument("--seed", type=int, default=1, help="random seed for the signals")
+    parser.add_argument(
+        "--envoys", type=int, default=4, help="Envoys reporting each pool, out of step (4)"
+    )
     args = parser.parse_args(argv)
-    figures = run(args.pools, args.endpoints, args.repeat, args.warmup, args.seed)
+    figures = run(args.pools, args.endpoints, args.repeat, args.warmup, args.seed, args.envoys)
     cli.publish(report(figures, args.pools, args.endpoints), figures, args.json)
     return 0
 
