@@ -7,6 +7,10 @@ knows nothing of snapshot files, stores or EDS: `configure(pools)` with the pool
 weights. Pushes are debounced per pool: a pool whose weights moved is re-sent at most once
 per its `push_interval`, and a change held back by the debounce goes out on the first tick
 after the interval, so the latest weights always win.
+
+A pool with shedding settings also gets a drop fraction with its weights, from its
+`Shedder` (lrs.weights.shedding): the policy says how saturated the pool is, the loads say
+how many requests Envoy issued to it.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from lrs.weights.params import Params
 from lrs.weights.policy import WeightPolicy, load_policy
+from lrs.weights.shedding import Shedder, Shedding
 from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
 
 __all__ = ["Loads", "Publish", "WeighedEndpoint", "WeighedPool", "WeightEngine"]
@@ -49,6 +54,8 @@ class WeighedPool(Protocol):
     def orca(self) -> Params: ...
     @property
     def endpoints(self) -> Sequence[WeighedEndpoint]: ...
+    @property
+    def shedding(self) -> Shedding | None: ...
 
 
 #: (pool name, monotonic now) -> endpoint key -> that endpoint's merged load.
@@ -71,6 +78,8 @@ class _PoolState:
     #: (`warm_until`): no snap back to static weights while it learns the fleet again.
     held_until: float = float("-inf")
     warm_until: float = float("-inf")
+    #: The pool's drop fraction controller; None when the pool does not shed.
+    shedder: Shedder | None = None
 
 
 class WeightEngine:
@@ -108,6 +117,7 @@ class WeightEngine:
                     state.published, state.pushed_at = old.published, old.pushed_at
                     state.known_since = old.known_since
             state.known_since = {e.key: state.known_since.get(e.key, now) for e in pool.endpoints}
+            state.shedder = _shedder(pool, old.shedder if old is not None else None)
             pools[pool.name] = state
         self.pools = pools
 
@@ -123,6 +133,8 @@ class WeightEngine:
             return False
         now = self.clock()
         state.published, state.latest = weights, weights
+        if state.shedder is not None:
+            state.shedder.follow(weights.drop_ppm)
         state.held_until = now + params.expiry - age
         state.warm_until = float("inf")  # the warm-up starts with the first load
         return True
@@ -132,6 +144,8 @@ class WeightEngine:
         state = self.pools.get(pool_name)
         if state is not None:
             state.published = weights
+            if state.shedder is not None:
+                state.shedder.follow(weights.drop_ppm)
 
     def forget_published(self) -> None:
         """Publish every pool's current answer on the next round (a replica now leading)."""
@@ -144,9 +158,14 @@ class WeightEngine:
         now = self.clock()
         pushed = []
         for name, state in self.pools.items():
-            weights = self._compute(state, now)
+            loads = self.loads(name, now)
+            weights = self._compute(state, loads, now)
             if weights is None:
                 continue
+            if state.shedder is not None:
+                issued = sum(load.issued_rps for load in loads.values())
+                drop = state.shedder.update(weights.saturation, issued, now)
+                weights = replace(weights, drop_ppm=drop)
             state.latest = weights
             if _same(weights, state.published):
                 continue
@@ -168,9 +187,10 @@ class WeightEngine:
                 log.exception("weight engine round failed; weights stay as published")
             await asyncio.sleep(self.tick)
 
-    def _compute(self, state: _PoolState, now: float) -> PoolWeights | None:
+    def _compute(
+        self, state: _PoolState, loads: Mapping[str, EndpointLoad], now: float
+    ) -> PoolWeights | None:
         pool = state.pool
-        loads = self.loads(pool.name, now)
         if now < state.held_until:
             if loads and state.warm_until == float("inf"):
                 state.warm_until = now + pool.orca.blackout
@@ -200,9 +220,15 @@ class WeightEngine:
             return None
 
 
+def _shedder(pool: WeighedPool, old: Shedder | None) -> Shedder | None:
+    """The pool's controller under its current settings; one it had keeps its fraction."""
+    if pool.shedding is None:
+        return None
+    shedder = old or Shedder(pool.shedding, pool.orca.saturation_exit)
+    shedder.settings, shedder.release = pool.shedding, pool.orca.saturation_exit
+    return shedder
+
+
 def _same(a: PoolWeights, b: PoolWeights | None) -> bool:
-    return b is not None and (a.endpoints, a.localities, a.saturated) == (
-        b.endpoints,
-        b.localities,
-        b.saturated,
-    )
+    """Whether Envoy would be sent the same (equality leaves out explanations)."""
+    return b is not None and a == b

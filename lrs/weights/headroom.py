@@ -58,7 +58,7 @@ from lrs.contract import MAX_WEIGHT
 from lrs.weights.explanation import Explanation
 from lrs.weights.params import Params
 from lrs.weights.probing import PROBING, UNRESPONSIVE, explore
-from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights
+from lrs.weights.signals import EndpointInput, EndpointLoad, PoolWeights, Saturation
 from lrs.weights.tracking import Track, first, fold, report_time
 
 __all__ = [
@@ -448,6 +448,7 @@ class HeadroomPolicy:
             localities=zones,
             saturated=saturated,
             explain=Explanation(facts, saturated, p),
+            saturation=Saturation.of(rows),
         )
 
 

@@ -32,6 +32,7 @@ from xds_server.config.problems import (
 )
 from xds_server.config.raw import read_raw
 from xds_server.config.sections import Memo
+from xds_server.config.shedding import read_shedding
 from xds_server.config.types import (
     CSWRR,
     FAILURE_MODES,
@@ -70,6 +71,7 @@ _POOL_KEYS: Final = (
     "policy",
     "orca",
     "kubernetes",
+    "shedding",
 )
 _ROUTE_KEYS: Final = ("model", "prefix", "pool", "split", "timeout")
 _SPLIT_KEYS: Final = ("pool", "weight")
@@ -136,6 +138,7 @@ def _read_pool(r: Reader, value: object, path: str, policy_modules: tuple[str, .
     endpoints = [e for _, e in entries]
     _check_weight_sums(r, join(path, "endpoints"), endpoints)
     policy, orca = read_policy(r, m, path, policy_modules)
+    shedding_ok, shedding = read_shedding(r, m, path, weighting)
     kubernetes = None
     if m.get("kubernetes") is not None:
         kubernetes = read_kubernetes(r, m["kubernetes"], path)
@@ -155,10 +158,18 @@ def _read_pool(r: Reader, value: object, path: str, policy_modules: tuple[str, .
         return None
     if name is None or lb_policy is None or weighting is None or connect_timeout is None:
         return None
-    if policy is None or orca is None:
+    if policy is None or orca is None or not shedding_ok:
         return None
     return Pool(
-        name, lb_policy, weighting, tuple(endpoints), connect_timeout, policy, orca, kubernetes
+        name,
+        lb_policy,
+        weighting,
+        tuple(endpoints),
+        connect_timeout,
+        policy,
+        orca,
+        kubernetes,
+        shedding=shedding,
     )
 
 

@@ -16,6 +16,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
 from lrs.weights.params import Params
+from lrs.weights.shedding import Shedding
 
 __all__ = [
     "BODY_ROUTER_ADDRESS",
@@ -119,6 +120,9 @@ class Pool:
     kubernetes: KubernetesRef | None = None
     #: HTTP/2 (h2c) to the upstreams: an InferencePool's `appProtocol: kubernetes.io/h2c`.
     http2: bool = False
+    #: `shedding:` (weighting: orca only): when every endpoint is saturated, Envoy answers a
+    #: share of the requests with 503 itself; None: never.
+    shedding: Shedding | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,13 +38,14 @@ from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
-from envoy.type.v3 import http_status_pb2
+from envoy.type.v3 import http_status_pb2, percent_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from lrs.contract import ORCA_FORMAT_HEADER, ORCA_RESPONSE_HEADERS
 from lrs.weights.params import Params
-from lrs.weights.signals import PoolWeights
+from lrs.weights.shedding import DROP_CATEGORY
+from lrs.weights.signals import PPM, PoolWeights
 from xds_server.bootstrap import tls_transport_socket
 from xds_server.config.types import (
     BODY_ROUTER_ADDRESS,
@@ -66,6 +67,7 @@ __all__ = [
     "CSWRR_EXTENSION",
     "CSWRR_MIN_UPDATE",
     "DEFAULT_BODY_ROUTER",
+    "DROP_METADATA",
     "EXT_PROC_FILTER",
     "HCM_FILTER",
     "LISTENER_METADATA",
@@ -109,6 +111,8 @@ ORCA_LRS_METRICS: Final = (
 CSWRR_EXTENSION: Final = "envoy.load_balancing_policies.client_side_weighted_round_robin"
 #: Envoy raises a shorter weight_update_period to this.
 CSWRR_MIN_UPDATE: Final = 0.1
+#: The endpoint metadata namespace that carries a shedding pool's drop fraction.
+DROP_METADATA: Final = "xds_server.shedding"
 
 Resources = dict[str, dict[str, Message]]
 
@@ -376,6 +380,8 @@ def cluster_load_assignment(
     priority 1, where Envoy sends traffic only when priority 0 runs short.
     Drained endpoints (admin API) stay, marked DRAINING: Envoy 1.40 excludes them
     from load balancing without counting them toward its panic threshold.
+    A pool that sheds (`shedding:`) carries the engine's drop fraction, capped at its
+    `max_drop`, as the one drop_overloads entry Envoy accepts.
     """
     effective = weights.endpoints if weights is not None else {}
     saturated = weights.saturated if weights is not None else frozenset()
@@ -410,7 +416,29 @@ def cluster_load_assignment(
                     for e, w in members
                 ],
             )
+    drop = _drop_ppm(pool, weights)
+    if drop:
+        assignment.policy.drop_overloads.add(
+            category=DROP_CATEGORY,
+            drop_percentage=percent_pb2.FractionalPercent(
+                numerator=drop, denominator=percent_pb2.FractionalPercent.MILLION
+            ),
+        )
+        if assignment.endpoints:
+            # Envoy 1.40 hands a new drop fraction to its workers only with a host change
+            # (ENVOY-NOTES): the fraction in the first endpoint's metadata is one, and its
+            # going away is one when shedding stops. Load balancing does not read it.
+            marker = assignment.endpoints[0].lb_endpoints[0].metadata.filter_metadata
+            marker[DROP_METADATA].update({"drop_ppm": drop})
     return assignment
+
+
+def _drop_ppm(pool: Pool, weights: PoolWeights | None) -> int:
+    """The share of requests Envoy should refuse, in parts per million: only for a pool whose
+    config sheds now (weights restored or shared from before an edit may carry a fraction)."""
+    if pool.shedding is None or weights is None:
+        return 0
+    return min(weights.drop_ppm, round(pool.shedding.max_drop * PPM))
 
 
 def build_group_resources(
