@@ -72,6 +72,8 @@ async def test_read_routes(api: tuple[ControlPlane, Admin]):
         "active": 3,
         "draining": 0,
         "load_data": True,
+        "shedding": False,
+        "drop_fraction": 0.0,
     }
     endpoints = await admin.endpoints()
     assert endpoints[A] == {

@@ -35,6 +35,7 @@ A, B, C = (f"127.0.0.1:{p}" for p in PORTS)
 async def api(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, Admin]]:
     doc = snapshot_doc(PORTS)
     doc["pools"][0]["weighting"] = "orca"
+    doc["pools"][0]["shedding"] = True
     write_doc(tmp_path / "snapshot.yaml", doc)
     (tmp_path / "token").write_text(TOKEN)
     async with running(tmp_path / "snapshot.yaml", admin_token_file=tmp_path / "token") as pair:
@@ -148,6 +149,7 @@ async def test_load_and_weight_metrics_from_a_real_load_store(api: tuple[Control
             {"zone-0": 40, "zone-1": 5},
             frozenset({B}),
             explain={A: {"bottleneck": "kv_cache"}},
+            drop_ppm=250_000,
         ),
     )
     samples = await scrape(admin)
@@ -168,10 +170,14 @@ async def test_load_and_weight_metrics_from_a_real_load_store(api: tuple[Control
     assert value(samples, "xds_endpoint_static_weight", **ep) == 1
     assert value(samples, "xds_endpoint_saturated", pool="llama", endpoint=B) == 1
     assert value(samples, "xds_locality_weight", pool="llama", zone="zone-0") == 40
+    assert value(samples, "xds_pool_drop_fraction", pool="llama") == 0.25
     # The admin API shows the same numbers.
     endpoints = await admin.endpoints()
     assert endpoints[A]["effective_weight"] == 30 and endpoints[B]["saturated"] is True
     assert endpoints[A]["explain"] == {"bottleneck": "kv_cache"} and endpoints[C]["explain"] is None
     assert endpoints[A]["load"]["metrics"][KV] == pytest.approx(0.25)
     assert endpoints[C]["load"] is None  # no report carried it
-    assert (await admin.get("/api/v1/pools"))["load_data"] is True
+    pools = await admin.get("/api/v1/pools")
+    assert pools["load_data"] is True
+    llama = next(p for p in pools["pools"] if p["name"] == "llama")
+    assert llama["shedding"] is True and llama["drop_fraction"] == 0.25

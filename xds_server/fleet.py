@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lrs.weights.signals import EndpointLoad, PoolWeights
+from lrs.weights.signals import PPM, EndpointLoad, PoolWeights
 from xds_server.config.file_source import FileSource
 from xds_server.config.state_file import OverlayState
 from xds_server.config.types import Config, Endpoint, Pool
@@ -127,4 +127,12 @@ class FleetView:
             "active": len(pool.endpoints) - draining,
             "draining": draining,
             "load_data": self.loads is not None,
+            "shedding": pool.shedding is not None,
+            # The share of the pool's requests Envoy answers with 503 itself (shedding).
+            "drop_fraction": self.drop_fraction(pool.name),
         }
+
+    def drop_fraction(self, pool: str) -> float:
+        """The drop fraction the weight engine set for the pool (0 when it does not shed)."""
+        weights = self.weights(pool)
+        return weights.drop_ppm / PPM if weights is not None else 0.0

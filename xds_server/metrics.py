@@ -282,6 +282,11 @@ class LoadCollector(Collector):
             "reporting": _family(
                 "xds_pool_endpoints_reporting", "endpoints of the pool with load data", pl
             ),
+            "drop": _family(
+                "xds_pool_drop_fraction",
+                "share of the pool's requests Envoy answers with 503 itself (shedding)",
+                pl,
+            ),
             "static": _family("xds_endpoint_static_weight", "weight set in the file or API", ep),
             "weight": _family(
                 "xds_endpoint_weight", "weight sent to Envoy (the weight engine's, else static)", ep
@@ -328,6 +333,8 @@ class LoadCollector(Collector):
         families["pool_endpoints"].add_metric([pool.name, "draining"], draining)
         families["reporting"].add_metric([pool.name], sum(v.load is not None for v in views))
         weights = self.fleet.weights(pool.name)
+        if pool.shedding is not None:
+            families["drop"].add_metric([pool.name], self.fleet.drop_fraction(pool.name))
         for zone, weight in sorted((weights.localities if weights else {}).items()):
             families["locality"].add_metric([pool.name, zone], weight)
         names = sorted({m for v in views if v.load for m in v.load.metrics})[:MAX_LOAD_METRICS]
