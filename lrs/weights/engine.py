@@ -5,8 +5,11 @@ handed in by the host (the control plane) through the small protocol below, so t
 knows nothing of snapshot files, stores or EDS: `configure(pools)` with the pools to weigh,
 `loads(pool, now)` for their endpoints' merged load, `publish(pool, weights)` for changed
 weights. Pushes are debounced per pool: a pool whose weights moved is re-sent at most once
-per its `push_interval`, and a change held back by the debounce goes out on the first tick
-after the interval, so the latest weights always win.
+per its `push_interval`, and a pool is weighed at most once per interval too (as CS-WRR
+recomputes once per weight_update_period): with several Envoys reporting out of step, a pool
+has new reports on nearly every tick, and weighing it four times for one push cost four
+times the CPU. A pool weighed without a push (its weights did not move) is weighed again a
+full interval later; a failed publish is retried on the next tick.
 
 A pool with shedding settings also gets a drop fraction with its weights, from its
 `Shedder` (lrs.weights.shedding): the policy says how saturated the pool is, the loads say
@@ -72,6 +75,7 @@ class _PoolState:
     latest: PoolWeights | None = None  # the policy's latest answer
     published: PoolWeights | None = None  # what EDS carries now
     pushed_at: float = float("-inf")
+    computed_at: float = float("-inf")
     pushes: int = 0
     #: Restored weights (a restart, another replica's table) are held until they expire,
     #: or until load has arrived and the policy has had its blackout to warm up on it
@@ -158,24 +162,32 @@ class WeightEngine:
         now = self.clock()
         pushed = []
         for name, state in self.pools.items():
-            loads = self.loads(name, now)
-            weights = self._compute(state, loads, now)
-            if weights is None:
-                continue
-            if state.shedder is not None:
-                issued = sum(load.issued_rps for load in loads.values())
-                drop = state.shedder.update(weights.saturation, issued, now)
-                weights = replace(weights, drop_ppm=drop)
-            state.latest = weights
-            if _same(weights, state.published):
-                continue
-            if now - state.pushed_at < state.pool.orca.push_interval:
-                continue  # debounced: the next tick after the interval sends the latest
-            self.publish(name, weights)
-            state.published, state.pushed_at = weights, now
-            state.pushes += 1
-            pushed.append(name)
+            if now - state.computed_at < state.pool.orca.push_interval:
+                continue  # weighed this interval already: new weights could not go out sooner
+            if self._weigh(name, state, now):
+                pushed.append(name)
+            state.computed_at = now  # not when publishing failed: the next tick tries again
         return pushed
+
+    def _weigh(self, name: str, state: _PoolState, now: float) -> bool:
+        """One pool's round: its policy's answer, its drop fraction, and the push if due."""
+        loads = self.loads(name, now)
+        weights = self._compute(state, loads, now)
+        if weights is None:
+            return False
+        if state.shedder is not None:
+            issued = sum(load.issued_rps for load in loads.values())
+            drop = state.shedder.update(weights.saturation, issued, now)
+            weights = replace(weights, drop_ppm=drop)
+        state.latest = weights
+        if _same(weights, state.published):
+            return False
+        if now - state.pushed_at < state.pool.orca.push_interval:
+            return False  # debounced: the next round after the interval sends the latest
+        self.publish(name, weights)
+        state.published, state.pushed_at = weights, now
+        state.pushes += 1
+        return True
 
     async def run(self) -> None:
         """Tick until cancelled; a failing round is logged and counted, never the end of it."""
