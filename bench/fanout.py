@@ -2,17 +2,21 @@
 
 Prints, for our server and, in the same run, for a bare grpc.aio server that writes
 the very same bytes: initial sync time, edit -> first client, first -> last client,
-and server memory per stream. Targets (from the issue): first -> last within 2x the
-raw fan-out, edit -> first under 200 ms.
+and server memory per stream, over SotW and over Delta ADS in turn. Targets (issue
+14): first -> last within 1.3x the raw fan-out, at most 50 KB of server memory per
+stream (the RSS the streams add, over the streams); edit -> first under 200 ms.
 
-Each server runs in its own subprocess so the clients' CPU never sits on the
-server's event loop; the parent drives both over stdin/stdout with one JSON line
-per command, and both stay connected while their edits alternate, so other load
-on the machine falls on both alike. Edit times are ``time.monotonic()``
-(CLOCK_MONOTONIC) taken in the server right before it changes the cache, arrival
-times are taken by the clients in this process, so the two are comparable. The
-raw server answers with bytes captured from our server, so both put the same
-payloads on the wire.
+Each server runs in its own subprocess, and so does every share of its clients
+(``--processes`` client processes per server, each holding a share of the streams),
+so the server's CPU and memory figures are its own. The parent drives them all with
+one JSON line per command; both servers stay connected while their edits alternate,
+so other load on the machine falls on both alike. Edit times are ``time.monotonic()``
+(CLOCK_MONOTONIC, the same clock in every process on Linux) taken in the server right
+before it changes the cache, arrival times are taken by the clients as each response
+arrives. The raw server answers with bytes captured from our server, so both put the
+same payloads on the wire. Each client is Envoy-like: its own connection
+(``--per-connection`` puts several streams on one), one ADS stream that asks for every
+cluster and then their endpoints, and ACKs each response.
 
 With ``--tls`` the same run also measures both servers over mTLS (certificates
 made at run time by the lab's CA; ours with the product's `ServerTls` and peers
@@ -21,9 +25,10 @@ clients and edits, and prints TLS / plaintext for each figure, ours and raw. Tar
 (issue 12): ours over mTLS within 1.3x of ours in plaintext, for the initial sync
 and for first -> last of each edit.
 
-    .venv/bin/python bench/fanout.py                 # 1000 clients, ~15 s on 2 cores
-    .venv/bin/python bench/fanout.py --clients 50    # ~2 s
-    .venv/bin/python bench/fanout.py --tls           # also over mTLS, ~25 s
+    .venv/bin/python bench/fanout.py                 # 1000 clients, SotW and Delta, ~1 min
+    .venv/bin/python bench/fanout.py --clients 50    # ~15 s
+    .venv/bin/python bench/fanout.py --clients 10000 --syncs 1   # 10,000 streams, ~4 min
+    .venv/bin/python bench/fanout.py --tls --protocols sotw --per-connection 50  # mTLS
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -65,12 +71,16 @@ from xds_server.xds.services import DiscoveryServices
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 ADS_METHOD = f"/{ADS_SERVICE}/StreamAggregatedResources"
+DELTA_ADS_METHOD = f"/{ADS_SERVICE}/DeltaAggregatedResources"
 #: Streams per client channel: each channel is its own TCP connection, as with Envoys.
 STREAMS_PER_CHANNEL = 50
 EDITS = ("edit-one", "edit-all")
 #: The four responses the raw server replays, as captured from our server.
 CAPTURED = ("cds", "eds", *EDITS)
-TARGET_SPREAD_RATIO = 2.0
+#: Issue 14: first -> last within 1.3x the raw fan-out, and at most 50 KB of server memory
+#: per stream (the RSS the streams add, over the streams); issue 2: edit -> first < 200 ms.
+TARGET_SPREAD_RATIO = 1.3
+TARGET_RSS_PER_STREAM = 50_000
 TARGET_EDIT_TO_FIRST_MS = 200.0
 #: With --tls: our figures over mTLS at most this many times our plaintext ones (issue 12).
 TARGET_TLS_RATIO = 1.3
@@ -78,7 +88,13 @@ TARGET_TLS_RATIO = 1.3
 TLS_SUBJECTS = ("ours", "raw", "ours-tls", "raw-tls")
 #: Bound on every wait for clients or servers, so a stuck run fails instead of hanging.
 PHASE_TIMEOUT = 120.0
+#: Between two looks at the server's stats while waiting for its streams.
+POLL_INTERVAL = 0.05
+#: Lead time the client processes get, so that they all open their streams at one instant.
+START_LEAD = 0.2
 KIB, MIB = 1024, 1024 * 1024
+#: Longest answer line from a child: a client process's arrival times for thousands of streams.
+ANSWER_LIMIT = 64 * MIB
 SCRIPT = str(Path(__file__).resolve())
 
 
@@ -189,18 +205,33 @@ def stats(ready: int, streams: int) -> dict[str, Any]:
     return {"ready": ready, "streams": streams, "rss": rss_bytes(), "cpu": time.process_time()}
 
 
-async def command_loop(handle: Callable[[str], dict[str, Any]]) -> None:
+async def command_loop(handle: Callable[[str], Any]) -> None:
     """Answer one JSON line per stdin command until ``quit`` or the parent goes away.
 
-    Commands run on the event loop itself, so an edit is timed exactly where a
+    ``handle`` returns the answer, or a coroutine for it (a client process waits for its
+    streams). Commands run on the event loop itself, so an edit is timed exactly where a
     real config change would happen.
     """
     while True:
         line = (await asyncio.to_thread(sys.stdin.readline)).strip()
         if line in ("", "quit"):
             return
-        sys.stdout.write(json.dumps(handle(line)) + "\n")
+        answer = handle(line)
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to the hard one; returns it.
+
+    10,000 streams on loopback hold 10,000 sockets in the server and as many in the
+    client processes, more than the usual soft limit of 1024.
+    """
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def exit_without_goaway() -> NoReturn:
@@ -279,6 +310,7 @@ async def start_ours(
 
 
 async def run_server(pools: int, endpoints: int, tls_dir: Path | None) -> NoReturn:
+    raise_fd_limit()
     under_test = ServerUnderTest(pools, endpoints)
     _server, _admission = await start_ours(under_test, tls_dir, BENCH_LIMITS)  # keep a ref
     await command_loop(under_test.handle)
@@ -290,23 +322,24 @@ class RawFanout:
 
     Each stream gets the captured CDS and EDS bytes for its first request of
     each type; an edit queues the captured edit response on every open stream.
-    Requests are parsed as ours are, and the server options are ours.
+    Requests are parsed as ours are (SotW or Delta, as captured), and the server
+    options are ours.
     """
 
-    def __init__(self, captured: dict[str, bytes]) -> None:
+    def __init__(self, captured: dict[str, bytes], protocol: str = "sotw") -> None:
         self.captured = captured
+        self.protocol = protocol
         self.initial = {typeurls.CLUSTER: captured["cds"], typeurls.ENDPOINT: captured["eds"]}
         self.streams: set[asyncio.Queue[bytes | None]] = set()
 
     def handler(self) -> grpc.GenericRpcHandler:
+        request = CALLS[self.protocol].request
         method = grpc.stream_stream_rpc_method_handler(
             self.serve,
-            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            request_deserializer=request.FromString,
             response_serializer=raw_bytes,
         )
-        return grpc.method_handlers_generic_handler(
-            ADS_SERVICE, {"StreamAggregatedResources": method}
-        )
+        return grpc.method_handlers_generic_handler(ADS_SERVICE, {METHODS[self.protocol]: method})
 
     async def serve(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -341,8 +374,10 @@ class RawFanout:
         return {"at": at}
 
 
-async def run_raw(capture_dir: Path, tls_dir: Path | None) -> NoReturn:
-    raw = RawFanout({name: (capture_dir / f"{name}.bin").read_bytes() for name in CAPTURED})
+async def run_raw(capture_dir: Path, tls_dir: Path | None, protocol: str = "sotw") -> NoReturn:
+    raise_fd_limit()
+    captured = {name: (capture_dir / f"{name}.bin").read_bytes() for name in CAPTURED}
+    raw = RawFanout(captured, protocol)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers([raw.handler()])
     if tls_dir is None:
@@ -373,6 +408,7 @@ class ServerProcess:
             *extra,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            limit=ANSWER_LIMIT,
         )
         line = await asyncio.wait_for(proc.stdout.readline(), 60)  # type: ignore[union-attr]
         if not line:
@@ -429,12 +465,18 @@ class AdsCall:
     """One SotW ADS stream that subscribes to every cluster and its endpoints, and ACKs.
 
     Requests are pre-encoded chunks joined with a small header, as the server
-    does with responses, so the client's CPU goes to receiving.
+    does with responses, so the client's CPU goes to receiving. The response header
+    class reads SotW and Delta responses alike (type_url and nonce have the same
+    field numbers in both), and so does `eds_names` (resource_names and
+    resource_names_subscribe are both field 3).
     """
+
+    method = ADS_METHOD
+    request: type[Message] = discovery_pb2.DiscoveryRequest
 
     def __init__(self, channel: grpc.aio.Channel, node_id: str, eds_names: bytes) -> None:
         self.call = channel.stream_stream(
-            ADS_METHOD, request_serializer=raw_bytes, response_deserializer=raw_bytes
+            self.method, request_serializer=raw_bytes, response_deserializer=raw_bytes
         )()
         self.node_id = node_id
         self.eds_names = eds_names
@@ -442,13 +484,13 @@ class AdsCall:
 
     async def subscribe(self) -> bytes:
         """Ask for all clusters, ACK them, then ask for the endpoints of each; returns the CDS."""
-        first = discovery_pb2.DiscoveryRequest(type_url=typeurls.CLUSTER)
-        first.node.id, first.node.cluster = self.node_id, "bench"
+        first = self.request(type_url=typeurls.CLUSTER)
+        first.node.id, first.node.cluster = self.node_id, "bench"  # type: ignore[attr-defined]
         await self.call.write(first.SerializeToString())
         payload, cds = await self.read(typeurls.CLUSTER)
         self.cds_at = time.monotonic()
         await self.call.write(self.reply(cds, b""))
-        eds = discovery_pb2.DiscoveryRequest(type_url=typeurls.ENDPOINT)
+        eds = self.request(type_url=typeurls.ENDPOINT)
         await self.call.write(self.eds_names + eds.SerializeToString())
         return payload
 
@@ -464,12 +506,36 @@ class AdsCall:
     async def ack_endpoints(self, header: Any) -> None:
         await self.call.write(self.reply(header, self.eds_names))
 
-    @staticmethod
-    def reply(header: Any, names: bytes) -> bytes:
+    def reply(self, header: Any, names: bytes) -> bytes:
+        """An ACK; SotW repeats the names it subscribes to in every request, as Envoy does."""
         ack = discovery_pb2.DiscoveryRequest(
             type_url=header.type_url, version_info=header.version_info, response_nonce=header.nonce
         )
         return names + ack.SerializeToString()
+
+
+class DeltaAdsCall(AdsCall):
+    """The same client over Delta ADS: a wildcard CDS subscription, EDS by name, and ACKs
+    that carry only the nonce (a Delta subscription persists, so no names are repeated)."""
+
+    method = DELTA_ADS_METHOD
+    request = discovery_pb2.DeltaDiscoveryRequest
+
+    async def ack_endpoints(self, header: Any) -> None:
+        await self.call.write(self.reply(header, b""))
+
+    def reply(self, header: Any, names: bytes) -> bytes:
+        ack = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=header.type_url, response_nonce=header.nonce
+        )
+        return names + ack.SerializeToString()
+
+
+#: The client stream for each protocol the fan-out is measured with.
+CALLS: dict[str, type[AdsCall]] = {"sotw": AdsCall, "delta": DeltaAdsCall}
+PROTOCOLS = tuple(CALLS)
+#: The ADS method of each protocol, as the raw baseline registers it.
+METHODS = {"sotw": "StreamAggregatedResources", "delta": "DeltaAggregatedResources"}
 
 
 def eds_names_chunk(pools: int) -> bytes:
@@ -494,23 +560,32 @@ class Arrivals:
 
 
 class AdsClients:
-    """N ADS streams spread over one connection per STREAMS_PER_CHANNEL streams."""
+    """N ADS streams of one protocol, ``per_connection`` streams on each connection."""
 
     def __init__(
-        self, port: int, count: int, pools: int, credentials: grpc.ChannelCredentials | None
+        self,
+        port: int,
+        ids: range,
+        pools: int,
+        credentials: grpc.ChannelCredentials | None,
+        protocol: str = "sotw",
+        per_connection: int = STREAMS_PER_CHANNEL,
     ) -> None:
         self.port = port
         self.credentials = credentials
-        self.count = count
+        self.ids = ids
+        self.count = len(ids)
+        self.call_class = CALLS[protocol]
+        self.per_connection = per_connection
         self.eds_names = eds_names_chunk(pools)
         self.channels: list[grpc.aio.Channel] = []
         self.calls: list[AdsCall] = []
         self.tasks: list[asyncio.Task[None]] = []
-        self.arrivals = Arrivals(count)
+        self.arrivals = Arrivals(self.count)
 
     async def connect(self) -> None:
         """Open the connections first, so the initial sync measures xDS, not TCP."""
-        for _ in range(-(-self.count // STREAMS_PER_CHANNEL)):
+        for _ in range(-(-self.count // self.per_connection)):
             self.channels.append(client_channel(self.port, self.credentials))
         await asyncio.wait_for(
             asyncio.gather(*(c.channel_ready() for c in self.channels)), PHASE_TIMEOUT
@@ -519,9 +594,9 @@ class AdsClients:
     def start(self) -> Arrivals:
         """Open every stream; the returned Arrivals completes when all have their endpoints."""
         arrivals = self.expect_next()
-        for i in range(self.count):
-            channel = self.channels[i // STREAMS_PER_CHANNEL]
-            call = AdsCall(channel, f"bench-{i}", self.eds_names)
+        for n, i in enumerate(self.ids):
+            channel = self.channels[n // self.per_connection]
+            call = self.call_class(channel, f"bench-{i}", self.eds_names)
             self.calls.append(call)
             self.tasks.append(asyncio.create_task(self.run(call)))
         return arrivals
@@ -568,14 +643,105 @@ class AdsClients:
         self.channels.clear()
 
 
-async def capture(server: ServerProcess, pools: int, into: Path) -> dict[str, int]:
+class ClientRole:
+    """A client process: its share of a subject's streams, driven by the parent.
+
+    Commands: ``connect``; ``start AT`` opens every stream at monotonic time AT (the
+    same instant in every client process) and answers once all have their endpoints;
+    ``expect`` then ``wait`` bracket an edit made meanwhile in the server; ``stop``
+    ends the streams (the connections stay). Arrival times are ``time.monotonic()``,
+    comparable with the server's and the other client processes' on Linux.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        credentials = None if args.tls_dir is None else Pki(args.tls_dir).client_credentials()
+        ids = range(args.first, args.first + args.count)
+        self.clients = AdsClients(
+            args.port, ids, args.pools, credentials, args.protocol, args.per_connection
+        )
+
+    async def handle(self, command: str) -> dict[str, Any]:
+        verb, *rest = command.split()
+        cpu = time.process_time()
+        clients = self.clients
+        if verb == "connect":
+            await clients.connect()
+            return {}
+        if verb == "start":
+            await asyncio.sleep(max(0.0, float(rest[0]) - time.monotonic()))
+            cpu = time.process_time()
+            await clients.wait(clients.start())
+        elif verb == "expect":
+            clients.expect_next()
+            return {}
+        elif verb == "wait":
+            await clients.wait(clients.arrivals)
+        elif verb == "stop":
+            await clients.stop_streams()
+            return {}
+        else:
+            raise ValueError(f"unknown command {command!r}")
+        arrivals = clients.arrivals
+        return {"times": arrivals.times, "sizes": arrivals.sizes, "cpu": time.process_time() - cpu}
+
+
+async def run_clients(args: argparse.Namespace) -> NoReturn:
+    raise_fd_limit()
+    role = ClientRole(args)
+    print(json.dumps({"port": 0}), flush=True)
+    await command_loop(role.handle)
+    exit_without_goaway()
+
+
+@dataclass(slots=True)
+class Fleet:
+    """A subject's clients, spread over client processes; what the parent sees of them."""
+
+    workers: list[ServerProcess]
+    count: int
+    connected: bool = False
+
+    @classmethod
+    async def start(
+        cls, stack: contextlib.AsyncExitStack, port: int, args: argparse.Namespace, *extra: str
+    ) -> Fleet:
+        """``args.processes`` client processes, streams shared out evenly."""
+        workers = []
+        share = -(-args.clients // args.processes)
+        for first in range(0, args.clients, share):
+            count = min(share, args.clients - first)
+            worker = await ServerProcess.start(
+                "clients",
+                *("--port", str(port), "--first", str(first), "--count", str(count)),
+                *("--pools", str(args.pools), "--protocol", args.protocol),
+                *("--per-connection", str(args.per_connection), *extra),
+            )
+            stack.push_async_callback(worker.stop)
+            workers.append(worker)
+        return cls(workers, args.clients)
+
+    async def everyone(self, command: str) -> dict[str, Any]:
+        """The command in every client process at once; their answers merged."""
+        answers = await asyncio.gather(
+            *(worker.command(command, 2 * PHASE_TIMEOUT) for worker in self.workers)
+        )
+        return {
+            "times": [t for a in answers for t in a.get("times", ())],
+            "sizes": [n for a in answers for n in a.get("sizes", ())],
+            "cpu": sum(a.get("cpu", 0.0) for a in answers),
+        }
+
+
+async def capture(
+    server: ServerProcess, pools: int, into: Path, protocol: str = "sotw"
+) -> dict[str, int]:
     """Record what our server sends one client: initial CDS and EDS, and one of each edit.
 
     The raw server replays exactly these bytes, so both fan out the same
     payloads. Returns their sizes.
     """
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = AdsCall(channel, "bench-capture", eds_names_chunk(pools))
+        call = CALLS[protocol](channel, "bench-capture", eds_names_chunk(pools))
         captured = {"cds": await call.subscribe()}
         captured["eds"], header = await call.read(typeurls.ENDPOINT)
         for edit in EDITS:
@@ -595,42 +761,39 @@ def ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
+async def poll(
+    server: ServerProcess, done: Callable[[dict[str, Any]], bool], what: str
+) -> dict[str, Any]:
+    """The server's stats, polled until ``done(stats)`` or PHASE_TIMEOUT. Counting the
+    streams in sync walks every stream, so the server is not asked too often."""
+    deadline = time.monotonic() + PHASE_TIMEOUT
+    while not done(answer := await server.command("stats")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {answer}")
+        await asyncio.sleep(POLL_INTERVAL)
+    return answer
+
+
 async def wait_streams(server: ServerProcess, count: int) -> dict[str, Any]:
     """Stats once the server holds exactly ``count`` streams (the ended ones are gone)."""
-    deadline = time.monotonic() + PHASE_TIMEOUT
-    while (answer := await server.command("stats"))["streams"] != count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{answer['streams']} streams open, waiting for {count}")
-        await asyncio.sleep(0.01)
-    return answer
+    return await poll(server, lambda s: s["streams"] == count, f"waiting for {count} streams")
 
 
 async def wait_ready(server: ServerProcess, count: int) -> dict[str, Any]:
     """Stats once ``count`` streams have ACKed: an edit sent before the ACK would wait for it."""
-    deadline = time.monotonic() + PHASE_TIMEOUT
-    while (answer := await server.command("stats"))["ready"] < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{answer['ready']}/{count} streams ACKed in time")
-        await asyncio.sleep(0.01)
-    return answer
+    return await poll(server, lambda s: s["ready"] >= count, f"waiting for {count} ACKs")
 
 
 class Subject:
-    """One server and its client fleet.
+    """One server and its client fleet (in client processes of their own).
 
     Both subjects stay connected for the whole run and their edits alternate,
     so load from anything else on the machine falls on both alike.
     """
 
-    def __init__(
-        self,
-        server: ServerProcess,
-        clients: int,
-        pools: int,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
+    def __init__(self, server: ServerProcess, fleet: Fleet) -> None:
         self.server = server
-        self.fleet = AdsClients(server.port, clients, pools, credentials)
+        self.fleet = fleet
         self.summary: dict[str, Any] = {}
         self.connect_ms = math.nan
         self.runs: dict[str, list[dict[str, float]]] = {phase: [] for phase in ("initial", *EDITS)}
@@ -639,52 +802,51 @@ class Subject:
         """Initial sync of every client: the first one opens the connections and measures
         the server's memory before and after it; later ones end every stream first and
         open them all again on the same connections."""
-        if self.fleet.channels:
-            await self.fleet.stop_streams()
+        if self.fleet.connected:
+            await self.fleet.everyone("stop")
             await wait_streams(self.server, 0)
         else:
             idle = await self.server.command("stats")
             connecting = time.monotonic()
-            await self.fleet.connect()
+            await self.fleet.everyone("connect")
             self.connect_ms = ms(time.monotonic() - connecting)
+            self.fleet.connected = True
         before = await self.server.command("stats")
-        start, cpu = time.monotonic(), time.process_time()
-        arrivals = self.fleet.start()
-        await self.fleet.wait(arrivals)
-        cpu, wall = time.process_time() - cpu, time.monotonic() - start
+        start = time.monotonic() + START_LEAD
+        arrivals = await self.fleet.everyone(f"start {start!r}")
+        wall = max(arrivals["times"]) - start
         loaded = await wait_ready(self.server, self.fleet.count)
         self.runs["initial"].append(
             {
-                "first_ms": ms(min(arrivals.times) - start),
-                "last_ms": ms(max(arrivals.times) - start),
+                "first_ms": ms(min(arrivals["times"]) - start),
+                "last_ms": ms(wall),
                 "server_cpu_ms": ms(loaded["cpu"] - before["cpu"]),
-                "client_cpu_share": cpu / wall,
+                "client_cpu_share": arrivals["cpu"] / wall,
             }
         )
         if not self.summary:
             self.summary = {
                 "rss_idle_bytes": idle["rss"],
+                "rss_loaded_bytes": loaded["rss"],
                 "rss_per_stream_bytes": (loaded["rss"] - idle["rss"]) / self.fleet.count,
             }
 
     async def edit(self, edit: str) -> None:
         """One edit, timed from the server's clock reading to each client's arrival."""
         before = await self.server.command("stats")
-        arrivals = self.fleet.expect_next()
-        start, cpu = time.monotonic(), time.process_time()
+        await self.fleet.everyone("expect")
         at = (await self.server.command(edit))["at"]
-        await self.fleet.wait(arrivals)
-        cpu, wall = time.process_time() - cpu, time.monotonic() - start
+        arrivals = await self.fleet.everyone("wait")
         after = await wait_ready(self.server, self.fleet.count)
-        first, last = min(arrivals.times), max(arrivals.times)
+        first, last = min(arrivals["times"]), max(arrivals["times"])
         self.runs[edit].append(
             {
                 "edit_to_first_ms": ms(first - at),
                 "first_to_last_ms": ms(last - first),
                 "edit_to_last_ms": ms(last - at),
-                "bytes_per_client": statistics.median(arrivals.sizes),
+                "bytes_per_client": statistics.median(arrivals["sizes"]),
                 "server_cpu_ms": ms(after["cpu"] - before["cpu"]),
-                "client_cpu_share": cpu / wall,
+                "client_cpu_share": arrivals["cpu"] / (last - at),
             }
         )
 
@@ -697,17 +859,12 @@ class Subject:
         return {**self.summary, **medians, "runs": self.runs}
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Capture our server's bytes, then measure it and the raw server side by side (with
-    ``--tls`` both again over mTLS, all four connected at once, their edits alternating)."""
-    out: dict[str, Any] = {
-        "clients": args.clients,
-        "pools": args.pools,
-        "endpoints": args.endpoints,
-        "repeat": args.repeat,
-        "tls": args.tls,
-        "loadavg_before": os.getloadavg()[0],
-    }
+async def run_protocol(args: argparse.Namespace, protocol: str) -> dict[str, Any]:
+    """One protocol's run: capture our server's bytes, then measure it and the raw server side
+    by side (with ``--tls`` both again over mTLS, all four connected at once, their edits
+    alternating); every subject with client processes of its own."""
+    out: dict[str, Any] = {}
+    args = argparse.Namespace(**{**vars(args), "protocol": protocol})
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fanout-")))
         sizes = ("--pools", str(args.pools), "--endpoints", str(args.endpoints))
@@ -717,30 +874,30 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             stack.push_async_callback(server.stop)
             return server
 
+        async def subject(server: ServerProcess, *tls: str) -> Subject:
+            return Subject(server, await Fleet.start(stack, server.port, args, *tls))
+
         ours = await start("server", *sizes)
-        out["captured_bytes"] = await capture(ours, args.pools, tmp)
-        raw = await start("raw", "--capture", str(tmp))
-        subjects = {"ours": Subject(ours, args.clients, args.pools)}
-        subjects["raw"] = Subject(raw, args.clients, args.pools)
+        out["captured_bytes"] = await capture(ours, args.pools, tmp, protocol)
+        raw = await start("raw", "--capture", str(tmp), "--protocol", protocol)
+        subjects = {"ours": await subject(ours), "raw": await subject(raw)}
         if args.tls:
             pki = Pki.make(tmp / "pki")
-            tls, credentials = ("--tls-dir", str(pki.directory)), pki.client_credentials()
+            tls = ("--tls-dir", str(pki.directory))
             ours_tls = await start("server", *sizes, *tls)
-            raw_tls = await start("raw", "--capture", str(tmp), *tls)
-            subjects["ours-tls"] = Subject(ours_tls, args.clients, args.pools, credentials)
-            subjects["raw-tls"] = Subject(raw_tls, args.clients, args.pools, credentials)
-        for subject in subjects.values():
-            stack.push_async_callback(subject.fleet.close)
-            await subject.sync()
-        for _ in range(args.repeat - 1):
-            for subject in subjects.values():
-                await subject.sync()
+            raw_tls = await start("raw", "--capture", str(tmp), "--protocol", protocol, *tls)
+            subjects["ours-tls"] = await subject(ours_tls, *tls)
+            subjects["raw-tls"] = await subject(raw_tls, *tls)
+        for each in subjects.values():
+            await each.sync()
+        for _ in range((args.syncs or args.repeat) - 1):
+            for each in subjects.values():
+                await each.sync()
         for edit in EDITS:
             for _ in range(args.repeat):
-                for subject in subjects.values():
-                    await subject.edit(edit)
-        out.update({name: subject.result() for name, subject in subjects.items()})
-    out["loadavg_after"] = os.getloadavg()[0]
+                for each in subjects.values():
+                    await each.edit(edit)
+        out.update({name: each.result() for name, each in subjects.items()})
     out["targets"] = targets(out["ours"], out["raw"])
     if args.tls:
         out["tls_ratios"] = tls_ratios(out)
@@ -748,33 +905,59 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Each protocol in turn, with servers and client processes of its own."""
+    out: dict[str, Any] = {
+        "clients": args.clients,
+        "client_processes": args.processes,
+        "streams_per_connection": args.per_connection,
+        "pools": args.pools,
+        "endpoints": args.endpoints,
+        "repeat": args.repeat,
+        "syncs": args.syncs or args.repeat,
+        "tls": args.tls,
+        "cpus": os.cpu_count(),
+        "fd_limit": raise_fd_limit(),
+        "loadavg_before": os.getloadavg(),
+    }
+    for protocol in args.protocols:
+        out[protocol] = await run_protocol(args, protocol)
+        out[protocol]["loadavg_after"] = os.getloadavg()
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
 def targets(ours: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
-    checks = []
+    checks = [
+        check(
+            f"server memory per stream <= {TARGET_RSS_PER_STREAM / 1000:g} KB",
+            ours["rss_per_stream_bytes"] / 1000,
+            TARGET_RSS_PER_STREAM / 1000,
+            "KB",
+        )
+    ]
     for edit in EDITS:
-        spread, limit = (
-            ours[edit]["first_to_last_ms"],
-            TARGET_SPREAD_RATIO * raw[edit]["first_to_last_ms"],
+        checks.append(
+            check(
+                f"{edit} first->last <= {TARGET_SPREAD_RATIO:g}x raw",
+                ours[edit]["first_to_last_ms"],
+                TARGET_SPREAD_RATIO * raw[edit]["first_to_last_ms"],
+                "ms",
+            )
         )
         checks.append(
-            {
-                "target": f"{edit} first->last <= {TARGET_SPREAD_RATIO:g}x raw",
-                "value": spread,
-                "limit": limit,
-                "unit": "ms",
-                "pass": spread <= limit,
-            }
-        )
-        first = ours[edit]["edit_to_first_ms"]
-        checks.append(
-            {
-                "target": f"{edit} edit->first < {TARGET_EDIT_TO_FIRST_MS:g} ms",
-                "value": first,
-                "limit": TARGET_EDIT_TO_FIRST_MS,
-                "unit": "ms",
-                "pass": first < TARGET_EDIT_TO_FIRST_MS,
-            }
+            check(
+                f"{edit} edit->first < {TARGET_EDIT_TO_FIRST_MS:g} ms",
+                ours[edit]["edit_to_first_ms"],
+                TARGET_EDIT_TO_FIRST_MS,
+                "ms",
+            )
         )
     return checks
+
+
+def check(target: str, value: float, limit: float, unit: str) -> dict[str, Any]:
+    return {"target": target, "value": value, "limit": limit, "unit": unit, "pass": value <= limit}
 
 
 #: (phase, figure, label) compared TLS against plaintext; TLS_TARGETED are held to 1.3x.
@@ -822,13 +1005,12 @@ def tls_ratios(out: dict[str, Any]) -> list[dict[str, Any]]:
 
 def tls_targets(ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {
-            "target": f"{row['label']}: TLS <= {TARGET_TLS_RATIO:g}x plaintext (ours)",
-            "value": row["ours"],
-            "limit": TARGET_TLS_RATIO,
-            "unit": "x",
-            "pass": row["ours"] <= TARGET_TLS_RATIO,
-        }
+        check(
+            f"{row['label']}: TLS <= {TARGET_TLS_RATIO:g}x plaintext (ours)",
+            row["ours"],
+            TARGET_TLS_RATIO,
+            "x",
+        )
         for row in ratios
         if (row["phase"], row["figure"]) in TLS_TARGETED
     ]
@@ -840,12 +1022,25 @@ def _ratio(a: float, b: float) -> float:
 
 def report(out: dict[str, Any]) -> str:
     lines = [
-        f"fan-out: {out['clients']} ADS clients, {out['pools']} pools x {out['endpoints']} "
-        f"endpoints, median of {out['repeat']} runs per edit and of initial syncs; load "
-        f"{out['loadavg_before']:.2f} before, {out['loadavg_after']:.2f} after",
-        *_table(out, "ours", "raw"),
+        f"fan-out: {out['clients']} ADS clients in {out['client_processes']} client processes "
+        f"per server, {out['streams_per_connection']} stream(s) per connection, "
+        f"{out['pools']} pools x {out['endpoints']} endpoints, median of {out['repeat']} runs "
+        f"per edit and of initial syncs; {out['cpus']} CPUs, load average (1/5/15 min) "
+        f"{_load(out['loadavg_before'])} before, {_load(out['loadavg_after'])} after",
     ]
-    if out.get("tls"):
+    for protocol in PROTOCOLS:
+        if protocol in out:
+            lines += [f"--- {protocol} ---", *protocol_report(out[protocol], out["tls"])]
+    return "\n".join(lines)
+
+
+def _load(loadavg: list[float]) -> str:
+    return "/".join(f"{load:.2f}" for load in loadavg)
+
+
+def protocol_report(out: dict[str, Any], tls: bool) -> list[str]:
+    lines = _table(out, "ours", "raw")
+    if tls:
         lines += [
             "over mTLS (same run, same clients and edits):",
             *_table(out, "ours-tls", "raw-tls"),
@@ -856,7 +1051,7 @@ def report(out: dict[str, Any]) -> str:
                 f"{row['label']:40} {row['ours']:10.2f} {row['raw']:10.2f} "
                 f"{row['ours_over_raw']:9.2f}"
             )
-    names = TLS_SUBJECTS if out.get("tls") else ("ours", "raw")
+    names = TLS_SUBJECTS if tls else ("ours", "raw")
     for name in names:
         lasts = " ".join(f"{run['last_ms']:.0f}" for run in out[name]["runs"]["initial"])
         lines.append(f"initial sync, all clients, per run, {name} (ms): {lasts}")
@@ -865,15 +1060,15 @@ def report(out: dict[str, Any]) -> str:
             runs = out[name]["runs"][edit]
             spreads = " ".join(f"{run['first_to_last_ms']:.0f}" for run in runs)
             lines.append(f"{edit} first -> last per run, {name} (ms): {spreads}")
-    lines.append("targets:")
-    for check in out["targets"]:
-        verdict = "PASS" if check["pass"] else "FAIL"
-        unit = f" {check['unit']}" if check["unit"] == "ms" else check["unit"]
+    lines.append(f"targets (load average after: {_load(out['loadavg_after'])}):")
+    for each in out["targets"]:
+        verdict = "PASS" if each["pass"] else "FAIL"
+        unit = each["unit"] if each["unit"] == "x" else f" {each['unit']}"
         lines.append(
-            f"  {verdict}  {check['target']}: {check['value']:.2f}{unit} "
-            f"(limit {check['limit']:.2f}{unit})"
+            f"  {verdict}  {each['target']}: {each['value']:.2f}{unit} "
+            f"(limit {each['limit']:.2f}{unit})"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def _table(out: dict[str, Any], a: str, b: str) -> list[str]:
@@ -902,6 +1097,11 @@ def _table(out: dict[str, Any], a: str, b: str) -> list[str]:
             second["rss_idle_bytes"] / MIB,
         ),
         (
+            "server RSS with every stream (MiB)",
+            first["rss_loaded_bytes"] / MIB,
+            second["rss_loaded_bytes"] / MIB,
+        ),
+        (
             "server RSS per stream (KiB)",
             first["rss_per_stream_bytes"] / KIB,
             second["rss_per_stream_bytes"] / KIB,
@@ -918,19 +1118,40 @@ def _pair(ours: dict[str, Any], raw: dict[str, Any], phase: str, key: str) -> tu
     return ours[phase][key], raw[phase][key]
 
 
-#: The copies of itself the benchmark starts: the control plane under test, and the raw baseline.
+#: The copies of itself the benchmark starts: the control plane under test, the raw
+#: baseline, and the client processes of each.
 ROLES: dict[str, cli.Role] = {
     "server": lambda args: run_server(args.pools, args.endpoints, args.tls_dir),
-    "raw": lambda args: run_raw(args.capture, args.tls_dir),
+    "raw": lambda args: run_raw(args.capture, args.tls_dir, args.protocol),
+    "clients": run_clients,
 }
 
 
 def main() -> None:
     parser = cli.parser(__doc__, ROLES)
     parser.add_argument("--clients", type=int, default=1000, help="ADS streams (default 1000)")
+    parser.add_argument(
+        "--processes", type=int, default=4, help="client processes per server (default 4)"
+    )
+    parser.add_argument(
+        "--per-connection",
+        type=int,
+        default=1,
+        help="streams per client connection (default 1: one Envoy, one connection)",
+    )
+    parser.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=PROTOCOLS,
+        default=list(PROTOCOLS),
+        help="SotW, Delta or both, one after the other (default both)",
+    )
     parser.add_argument("--pools", type=int, default=100, help="clusters (default 100)")
     parser.add_argument("--endpoints", type=int, default=20, help="per pool (default 20)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per edit (median)")
+    parser.add_argument(
+        "--syncs", type=int, help="initial syncs (median; default: as many as --repeat)"
+    )
     parser.add_argument(
         "--tls",
         action="store_true",
@@ -938,6 +1159,10 @@ def main() -> None:
     )
     parser.add_argument("--capture", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="sotw", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not cli.played_role(args, ROLES):
         out = asyncio.run(run_bench(args))

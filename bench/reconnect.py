@@ -29,7 +29,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -44,8 +43,10 @@ from fanout import (
     ServerProcess,
     ServerUnderTest,
     client_channel,
+    command_loop,
     eds_names_chunk,
     exit_without_goaway,
+    raise_fd_limit,
     rss_bytes,
     start_ours,
 )
@@ -98,6 +99,7 @@ def reset_peak_rss() -> bool:
 
 
 async def run_server(args: argparse.Namespace) -> NoReturn:
+    raise_fd_limit()
     under_test = ServerUnderTest(args.pools, args.endpoints)
     _server, admission = await start_ours(under_test, args.tls_dir, storm_limits(args))
 
@@ -117,19 +119,6 @@ async def run_server(args: argparse.Namespace) -> NoReturn:
 
     await command_loop(handle)
     exit_without_goaway()
-
-
-async def command_loop(handle: Any) -> None:
-    """One JSON line per stdin command (sync or async handler) until ``quit`` or EOF."""
-    while True:
-        line = (await asyncio.to_thread(sys.stdin.readline)).strip()
-        if line in ("", "quit"):
-            return
-        answer = handle(line)
-        if asyncio.iscoroutine(answer):
-            answer = await answer
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
 
 
 # --- a client process: a share of the fleet ----------------------------------------------
@@ -197,6 +186,7 @@ class Fleet:
 
 
 async def run_clients(args: argparse.Namespace) -> NoReturn:
+    raise_fd_limit()
     fleet = Fleet(args)
     print(json.dumps({"port": 0}), flush=True)
     await command_loop(fleet.handle)
@@ -325,6 +315,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "admission_rate": limits.admission_rate,
         "admission_burst": limits.admission_burst,
         "admission_floor_s": max(0, args.clients - limits.admission_burst) / limits.admission_rate,
+        "admission_wait_s": limits.admission_wait,
+        "fd_limit": raise_fd_limit(),
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg()[0],
     }
@@ -398,7 +390,8 @@ def report(out: dict[str, Any]) -> str:
         f"reconnect storm: {out['clients']} clients ({out['client_processes']} client "
         f"processes), {out['pools']} pools x {out['endpoints']} endpoints, admission "
         f"{out['admission_rate']:g}/s "
-        f"after a burst of {out['admission_burst']} (floor {out['admission_floor_s']:.2f} s), "
+        f"after a burst of {out['admission_burst']} (floor {out['admission_floor_s']:.2f} s; a "
+        f"stream waits at most {out['admission_wait_s']:g} s, then is refused), "
         f"median of {out['repeat']} storms; {out['cpus']} CPUs, load average "
         f"{out['loadavg_before']:.2f} before, {out['loadavg_after']:.2f} after",
         f"{'':46} {'plaintext':>10} {'mTLS':>10} {'mTLS/plain':>10}",

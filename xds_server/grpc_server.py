@@ -15,6 +15,10 @@ from xds_server.tls import ServerTls
 
 __all__ = ["SERVER_OPTIONS", "start_grpc_server"]
 
+#: New calls gRPC core may hold before the server takes them, and for how long (seconds):
+#: room for a whole fleet reconnecting at once, on a loaded machine.
+MAX_PENDING_CALLS = 50_000
+MAX_PENDING_SECONDS = 300
 #: Options for every gRPC server of ours: large LRS reports (a node is ~61 KB),
 #: and keepalive so a vanished client's stream is noticed and freed.
 SERVER_OPTIONS = (
@@ -25,6 +29,14 @@ SERVER_OPTIONS = (
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_concurrent_streams", 0x7FFFFFFF),
+    # gRPC core holds new calls until the application takes them and, by default, cancels
+    # some at random once 1,000 wait (all past 3,000), and any that waited 30 s: more than
+    # 1,000 Envoys connecting at once lost streams before admission saw them
+    # (bench/fanout.py, 2,000 and 10,000 streams started together, CANCELLED). Admission
+    # bounds and paces streams itself (xds_server/admission.py).
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+    ("grpc.server_max_unrequested_time_in_server", MAX_PENDING_SECONDS),
     # grpc turns SO_REUSEPORT on by default: a second server on a busy port would bind
     # silently and share its clients. A port in use must be an error instead.
     ("grpc.so_reuseport", 0),

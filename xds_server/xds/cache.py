@@ -76,10 +76,15 @@ class Resource:
 
 @dataclass(frozen=True, slots=True)
 class TypeResources:
-    """All resources of one type for one node group, with a version over all of them."""
+    """All resources of one type for one node group, with a version over all of them.
+
+    `versions` (name -> version of each) is what a SotW client of the whole set holds
+    once it has ACKed it: one dict that every such stream shares instead of a copy each.
+    """
 
     resources: Mapping[str, Resource]
     version: str
+    versions: Mapping[str, str]
 
     @classmethod
     def of(cls, resources: Mapping[str, Resource]) -> TypeResources:
@@ -89,7 +94,8 @@ class TypeResources:
             digest.update(b"\0")
             digest.update(resources[name].version.encode())
             digest.update(b"\0")
-        return cls(resources=dict(resources), version=digest.hexdigest())
+        versions = {name: resource.version for name, resource in resources.items()}
+        return cls(resources=dict(resources), version=digest.hexdigest(), versions=versions)
 
 
 EMPTY_TYPE = TypeResources.of({})

@@ -28,6 +28,7 @@ from xds_server.xds import typeurls
 from xds_server.xds.cache import Resource, TypeResources, join_chunks
 from xds_server.xds.clients import Nack
 from xds_server.xds.stream import CONTROL_PLANE, Stream, next_nonce
+from xds_server.xds.subscriptions import Subscription, subscription
 
 __all__ = ["DeltaStream", "DeltaTypeState"]
 
@@ -45,7 +46,8 @@ class DeltaTypeState:
     """One client's subscription and holdings for one type."""
 
     type_url: str
-    names: set[str] = field(default_factory=set)
+    #: The names subscribed to (sorted), shared with other streams: replaced, never changed.
+    subscription: Subscription = field(default_factory=lambda: subscription(()))
     wildcard: bool = False
     requested: bool = False
     dirty: bool = True  # something besides the cache changed since the last look
@@ -66,38 +68,53 @@ class DeltaTypeState:
             self.first_due = not request.initial_resource_versions
             if self.type_url in typeurls.FULL_STATE and not request.resource_names_subscribe:
                 self.wildcard = True  # legacy wildcard: first request subscribes to nothing
+        if request.resource_names_subscribe or request.resource_names_unsubscribe:
+            self._change_subscription(request)
+
+    def _change_subscription(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        names = set(self.subscription.names)
         for name in request.resource_names_subscribe:
             if name == "*":
                 self.wildcard = True
             else:
-                self.names.add(name)
+                names.add(name)
                 self.unanswered.add(name)
         for name in request.resource_names_unsubscribe:
             if name == "*":
                 self.wildcard = False
             else:
-                self.names.discard(name)
+                names.discard(name)
                 self.unanswered.discard(name)
                 self.held.pop(name, None)
+        if names != self.subscription.names:
+            self.subscription = subscription(sorted(names))
 
     def to_send(self, served: TypeResources) -> tuple[dict[str, Resource], list[str]] | None:
         """(updated resources, removed names) for the next response, or None."""
         if not self.requested or self.in_flight is not None:
             return None
-        resources = served.resources
-        chosen = (
-            resources if self.wildcard else {n: resources[n] for n in self.names if n in resources}
+        if self.wildcard:
+            chosen, versions = served.resources, served.versions
+        else:  # shared with every stream subscribed to the same names
+            selection = self.subscription.select(served)
+            chosen, versions = selection.resources, selection.versions
+        # What the client lacks (a version it does not hold) or must be sent again, less
+        # what it rejected at that same version.
+        held = self.held.get
+        lacking = {n for n, v in versions.items() if held(n) != v}
+        if self.resend:
+            lacking.update(self.resend.intersection(chosen))
+        if self.rejected:
+            lacking = {n for n in lacking if self.rejected.get(n) != versions[n]}
+        updated = (
+            {n: chosen[n] for n in lacking}  # one (a weight change): no order to keep
+            if len(lacking) < 2
+            else {n: r for n, r in chosen.items() if n in lacking}
         )
-        updated = {
-            n: r
-            for n, r in chosen.items()
-            if (self.held.get(n) != r.version or n in self.resend)
-            and self.rejected.get(n) != r.version
-        }
-        gone = {n for n in self.held if n not in chosen}
+        gone = self.held.keys() - chosen.keys()
         # Newly subscribed names that do not exist: say so. (Names that do exist are in
         # `updated` unless the client already holds that version.)
-        gone.update(n for n in self.unanswered if n not in resources)
+        gone.update(n for n in self.unanswered if n not in served.resources)
         self.unanswered.clear()
         removed = sorted(gone)
         first_due, self.first_due = self.first_due, False
@@ -127,7 +144,7 @@ class DeltaStream(Stream[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest]):
         state.apply(request)
         if changes_subscription:
             status = self.client.status(type_url)
-            status.subscribed = None if state.wildcard else sorted(state.names)
+            status.subscribed = None if state.wildcard else state.subscription.ordered
         acked = False
         if state.in_flight is not None and request.response_nonce == state.in_flight.nonce:
             acked = self._settle(state, request)

@@ -22,6 +22,7 @@ from xds_server.xds.clients import ClientRegistry
 from xds_server.xds.delta import DeltaStream
 from xds_server.xds.sotw import SotwStream, SotwTypeState
 from xds_server.xds.stream import CONTROL_PLANE, ProtocolError, Request, State, Stream, serve
+from xds_server.xds.subscriptions import subscription
 
 __all__ = ["ADS_SERVICE", "PER_TYPE_SERVICES", "DiscoveryServices"]
 
@@ -145,7 +146,7 @@ class DiscoveryServices:
             group = self.cache.group_for(request.node.cluster)
             served = group.of_type(type_url)
             state = SotwTypeState(type_url)
-            state.subscribe(list(request.resource_names))
+            state.subscribe(subscription(request.resource_names))
             wanted = state.wanted(served)
             header = discovery_pb2.DiscoveryResponse(
                 version_info=served.version, type_url=type_url, control_plane=CONTROL_PLANE

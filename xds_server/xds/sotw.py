@@ -21,6 +21,7 @@ Rules, each there because a real client depends on it:
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -29,15 +30,18 @@ from xds_server.xds import typeurls
 from xds_server.xds.cache import Resource, TypeResources, join_chunks
 from xds_server.xds.clients import Nack
 from xds_server.xds.stream import CONTROL_PLANE, Stream, next_nonce
+from xds_server.xds.subscriptions import Subscription, subscription
 
 __all__ = ["SotwStream", "SotwTypeState"]
+
+_WILDCARD = frozenset(("*",))
 
 
 @dataclass(slots=True)
 class _InFlight:
     nonce: str
     version: str
-    sent: dict[str, str]
+    sent: Mapping[str, str]  # may be shared (TypeResources.versions): never changed
 
 
 @dataclass(slots=True)
@@ -45,61 +49,86 @@ class SotwTypeState:
     """One client's subscription and knowledge for one type."""
 
     type_url: str
-    names: set[str] = field(default_factory=set)
+    names: frozenset[str] = frozenset()  # shared with other streams: replaced, never changed
     wildcard: bool = False
     requested: bool = False
     dirty: bool = True  # something besides the cache changed since the last look
     answered: bool = False  # a response (or a matching version) has settled the first request
     client_version: str = ""  # version_info of the client's first request (reconnect)
-    known: dict[str, str] = field(default_factory=dict)  # ACKed name -> version
+    #: ACKed name -> version. Full state: may be shared (TypeResources.versions), so it is
+    #: replaced, never changed; by name: this stream's own, updated in place.
+    known: Mapping[str, str] = field(default_factory=dict)
     in_flight: _InFlight | None = None
     last_nonce: str = ""
     resend: set[str] = field(default_factory=set)
     resend_all: bool = False
     rejected: dict[str, str] = field(default_factory=dict)  # last NACKed name -> version
     rejected_set: dict[str, str] | None = None  # full state: the set last NACKed, if any
-    last_names: list[str] | None = None  # resource_names of the last request, as sent
+    #: resource_names of the last request, as sent (shared with other streams)
+    subscription: Subscription | None = None
 
     @property
     def full_state(self) -> bool:
         return self.type_url in typeurls.FULL_STATE
 
-    def subscribe(self, names: list[str]) -> None:
-        if self.full_state and (not names or "*" in names):
+    def subscribe(self, names: Subscription) -> None:
+        self.subscription = names
+        if self.full_state and (not names.listed or "*" in names.names):
             self.wildcard = True
-            self.names = {n for n in names if n != "*"}
+            self.names = names.names - _WILDCARD if "*" in names.names else names.names
             return
         self.wildcard = False
-        self.names = set(names)
-        for gone in [n for n in self.known if n not in self.names]:
-            del self.known[gone]
+        self.names = names.names
+        if any(n not in self.names for n in self.known):
+            self.known = {n: v for n, v in self.known.items() if n in self.names}
 
-    def wanted(self, served: TypeResources) -> dict[str, Resource]:
+    def select(self, served: TypeResources) -> tuple[Mapping[str, Resource], Mapping[str, str]]:
+        """The resources this client wants and their versions, shared with every stream that
+        wants the same (never change them)."""
         if self.wildcard:
-            return dict(served.resources)
-        return {n: r for n, r in served.resources.items() if n in self.names}
+            return served.resources, served.versions
+        if self.subscription is None:
+            return {}, {}
+        selection = self.subscription.select(served)
+        return selection.resources, selection.versions
 
-    def to_send(self, served: TypeResources) -> dict[str, Resource] | None:
+    def wanted(self, served: TypeResources) -> Mapping[str, Resource]:
+        return self.select(served)[0]
+
+    def versions_of(
+        self, served: TypeResources, resources: Mapping[str, Resource]
+    ) -> Mapping[str, str]:
+        wanted, versions = self.select(served)
+        return versions if resources is wanted else {n: r.version for n, r in resources.items()}
+
+    def to_send(self, served: TypeResources) -> Mapping[str, Resource] | None:
         """The resources of the next response, or None when the client needs none."""
         if not self.requested or self.in_flight is not None:
             return None
-        wanted = self.wanted(served)
+        wanted, versions = self.select(served)
         if self.full_state:
-            versions = {n: r.version for n, r in wanted.items()}
             if not self.answered and self.client_version == served.version:
                 self.known, self.answered = versions, True  # a reconnect: it has all of it
                 return None
-            if self.answered and versions == self.known and not self.resend_all:
+            same = versions is self.known or versions == self.known
+            if self.answered and same and not self.resend_all:
                 return None
             return None if versions == self.rejected_set else wanted  # even when empty
         if self.answered and not self.resend_all:
-            wanted = {
-                n: r
-                for n, r in wanted.items()
-                if self.known.get(n) != r.version or n in self.resend
-            }
-        # A rejected resource stays out until it changes; the rest still flow.
-        return {n: r for n, r in wanted.items() if self.rejected.get(n) != r.version} or None
+            # What the client lacks (a version it does not hold) or must be sent again.
+            held = self.known.get
+            lacking = {n for n, v in versions.items() if held(n) != v}
+            if self.resend:
+                lacking.update(self.resend.intersection(versions))
+            if len(lacking) < len(wanted):  # else all of it: the shared selection
+                wanted = (
+                    {n: wanted[n] for n in lacking}  # one (a weight change): no order to keep
+                    if len(lacking) < 2
+                    else {n: r for n, r in wanted.items() if n in lacking}
+                )
+        if self.rejected:  # a rejected resource stays out until it changes; the rest flow
+            wanted = {n: r for n, r in wanted.items() if self.rejected.get(n) != r.version}
+        return wanted or None
 
 
 class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
@@ -115,8 +144,9 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
         state = self.states.get(type_url) or self.states.setdefault(
             type_url, SotwTypeState(type_url)
         )
-        names = list(request.resource_names)
-        same_names = names == state.last_names  # Envoy repeats the same list on every ACK
+        names = tuple(request.resource_names)
+        last = state.subscription  # Envoy repeats the same list on every ACK
+        same_names = last is not None and names == last.listed
         nonce = request.response_nonce
         if nonce and state.last_nonce:  # before a response, a nonce cannot be one of ours
             if nonce != state.last_nonce:
@@ -133,10 +163,10 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
             state.client_version = request.version_info
         state.requested = state.dirty = True
         if not same_names:
-            state.last_names = names
-            state.subscribe(names)
+            shared = subscription(names)
+            state.subscribe(shared)
             status = self.client.status(type_url)
-            status.subscribed = None if state.wildcard else sorted(state.names)
+            status.subscribed = None if state.wildcard else shared.ordered
 
     def _settle(self, state: SotwTypeState, request: discovery_pb2.DiscoveryRequest) -> bool:
         """Record the ACK or NACK of the response in flight; True for an ACK."""
@@ -154,8 +184,9 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
             )
             return False
         if state.full_state:
-            state.known = dict(in_flight.sent)
+            state.known = in_flight.sent
         else:
+            assert isinstance(state.known, dict)  # by name, it is this stream's own
             state.known.update(in_flight.sent)
         status.acked_version, status.acked_at = in_flight.version, time.time()
         # The response held everything the client lacked at that version; if the cache
@@ -167,16 +198,17 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
         resources = state.to_send(served)
         if resources is None:
             return None
-        payload = self._response(state, served.version, resources)
+        payload = self._response(state, served, resources)
         if state.type_url == typeurls.CLUSTER:
             self._resend_endpoints_of_updated(state, resources)
         return payload
 
     def _response(
-        self, state: SotwTypeState, version: str, resources: dict[str, Resource]
+        self, state: SotwTypeState, served: TypeResources, resources: Mapping[str, Resource]
     ) -> bytes:
         nonce = next_nonce()
-        state.in_flight = _InFlight(nonce, version, {n: r.version for n, r in resources.items()})
+        version = served.version
+        state.in_flight = _InFlight(nonce, version, state.versions_of(served, resources))
         state.last_nonce = nonce
         state.answered = True
         state.resend_all = False
@@ -190,7 +222,7 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
         return join_chunks((r.sotw_chunk for r in resources.values()), header)
 
     def _resend_endpoints_of_updated(
-        self, clusters: SotwTypeState, sent: dict[str, Resource]
+        self, clusters: SotwTypeState, sent: Mapping[str, Resource]
     ) -> None:
         """Envoy re-creates an updated EDS cluster and waits for its endpoints again."""
         endpoints = self.states.get(typeurls.ENDPOINT)
