@@ -20,6 +20,7 @@ updates clusters their endpoints are re-sent, because Envoy does not ask again.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -28,7 +29,7 @@ from xds_server.xds import typeurls
 from xds_server.xds.cache import Resource, TypeResources, join_chunks
 from xds_server.xds.clients import Nack
 from xds_server.xds.stream import CONTROL_PLANE, Stream, next_nonce
-from xds_server.xds.subscriptions import Subscription, subscription
+from xds_server.xds.subscriptions import Selection, Subscription, subscription
 
 __all__ = ["DeltaStream", "DeltaTypeState"]
 
@@ -38,7 +39,7 @@ class _InFlight:
     nonce: str
     version: str
     previous: dict[str, str | None]  # what the client held before, to undo on NACK
-    sent: dict[str, str]
+    sent: Mapping[str, str]  # may be shared (a selection's versions): never changed
 
 
 @dataclass(slots=True)
@@ -89,14 +90,20 @@ class DeltaTypeState:
         if names != self.subscription.names:
             self.subscription = subscription(sorted(names))
 
-    def to_send(self, served: TypeResources) -> tuple[dict[str, Resource], list[str]] | None:
-        """(updated resources, removed names) for the next response, or None."""
+    def selection(self, served: TypeResources) -> Selection | None:
+        """What the subscribed names select, shared with every stream subscribed to the same;
+        None for a wildcard (the whole set)."""
+        return None if self.wildcard else self.subscription.select(served)
+
+    def to_send(self, served: TypeResources) -> tuple[Mapping[str, Resource], list[str]] | None:
+        """(updated resources, removed names) for the next response, or None. When the
+        client lacks all it has chosen, the updated resources are that shared mapping."""
         if not self.requested or self.in_flight is not None:
             return None
-        if self.wildcard:
+        selection = self.selection(served)
+        if selection is None:
             chosen, versions = served.resources, served.versions
-        else:  # shared with every stream subscribed to the same names
-            selection = self.subscription.select(served)
+        else:
             chosen, versions = selection.resources, selection.versions
         # What the client lacks (a version it does not hold) or must be sent again, less
         # what it rejected at that same version.
@@ -106,11 +113,13 @@ class DeltaTypeState:
             lacking.update(self.resend.intersection(chosen))
         if self.rejected:
             lacking = {n for n in lacking if self.rejected.get(n) != versions[n]}
-        updated = (
-            {n: chosen[n] for n in lacking}  # one (a weight change): no order to keep
-            if len(lacking) < 2
-            else {n: r for n, r in chosen.items() if n in lacking}
-        )
+        updated: Mapping[str, Resource]
+        if len(lacking) == len(chosen):
+            updated = chosen  # all of it (a first response, every pool edited): shared
+        elif len(lacking) < 2:
+            updated = {n: chosen[n] for n in lacking}  # one (a weight change): no order to keep
+        else:
+            updated = {n: r for n, r in chosen.items() if n in lacking}
         gone = self.held.keys() - chosen.keys()
         # Newly subscribed names that do not exist: say so. (Names that do exist are in
         # `updated` unless the client already holds that version.)
@@ -128,11 +137,11 @@ class DeltaStream(Stream[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest]):
 
     protocol = "delta"
 
-    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
         self.identify(request.node, request.HasField("node"))
         type_url = self.type_of(request.type_url)
         if type_url is None:
-            return
+            return True
         state = self.states.get(type_url) or self.states.setdefault(
             type_url, DeltaTypeState(type_url)
         )
@@ -150,6 +159,8 @@ class DeltaStream(Stream[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest]):
             acked = self._settle(state, request)
         if changes_subscription or not acked:
             state.dirty = True
+            return True
+        return self.still_due(state, type_url)  # a plain ACK
 
     def _settle(self, state: DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
         """Record the ACK or NACK of the response in flight; True for an ACK."""
@@ -178,18 +189,25 @@ class DeltaStream(Stream[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest]):
         updated, removed = change
         if state.type_url == typeurls.CLUSTER:
             self._resend_endpoints_of_updated(state, updated)
-        return self._response(state, served.version, updated, removed)
+        return self._response(state, served, updated, removed)
 
     def _response(
         self,
         state: DeltaTypeState,
-        version: str,
-        updated: dict[str, Resource],
+        served: TypeResources,
+        updated: Mapping[str, Resource],
         removed: list[str],
     ) -> bytes:
         nonce = next_nonce()
+        version = served.version
         previous = {n: state.held.get(n) for n in (*updated, *removed)}
-        sent = {n: r.version for n, r in updated.items()}
+        selection = state.selection(served)
+        whole = served if selection is None else selection
+        sent: Mapping[str, str]
+        if updated is whole.resources:  # all of it: its versions and joined chunks, shared
+            sent = whole.versions
+        else:
+            sent = {n: r.version for n, r in updated.items()}
         state.in_flight = _InFlight(nonce, version, previous, sent)
         state.held.update(sent)
         for name in removed:
@@ -205,10 +223,12 @@ class DeltaStream(Stream[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest]):
             removed_resources=removed,
             control_plane=CONTROL_PLANE,
         )
+        if selection is not None and updated is selection.resources:
+            return join_chunks((selection.chunks(delta=True),), header)
         return join_chunks((r.delta_chunk for r in updated.values()), header)
 
     def _resend_endpoints_of_updated(
-        self, clusters: DeltaTypeState, updated: dict[str, Resource]
+        self, clusters: DeltaTypeState, updated: Mapping[str, Resource]
     ) -> None:
         """Envoy re-creates an updated EDS cluster and, in Delta, never asks for its endpoints."""
         endpoints = self.states.get(typeurls.ENDPOINT)

@@ -30,7 +30,7 @@ from xds_server.xds import typeurls
 from xds_server.xds.cache import Resource, TypeResources, join_chunks
 from xds_server.xds.clients import Nack
 from xds_server.xds.stream import CONTROL_PLANE, Stream, next_nonce
-from xds_server.xds.subscriptions import Subscription, subscription
+from xds_server.xds.subscriptions import Selection, Subscription, subscription
 
 __all__ = ["SotwStream", "SotwTypeState"]
 
@@ -82,14 +82,21 @@ class SotwTypeState:
         if any(n not in self.names for n in self.known):
             self.known = {n: v for n, v in self.known.items() if n in self.names}
 
+    def selection(self, served: TypeResources) -> Selection | None:
+        """What a by-name subscription selects, shared with every stream that names the same;
+        None for the whole set (wildcard) or before any request."""
+        if self.wildcard or self.subscription is None:
+            return None
+        return self.subscription.select(served)
+
     def select(self, served: TypeResources) -> tuple[Mapping[str, Resource], Mapping[str, str]]:
         """The resources this client wants and their versions, shared with every stream that
         wants the same (never change them)."""
         if self.wildcard:
             return served.resources, served.versions
-        if self.subscription is None:
+        selection = self.selection(served)
+        if selection is None:
             return {}, {}
-        selection = self.subscription.select(served)
         return selection.resources, selection.versions
 
     def wanted(self, served: TypeResources) -> Mapping[str, Resource]:
@@ -136,11 +143,11 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
 
     protocol = "sotw"
 
-    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
+    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> bool:
         self.identify(request.node, request.HasField("node"))
         type_url = self.type_of(request.type_url)
         if type_url is None:
-            return
+            return True
         state = self.states.get(type_url) or self.states.setdefault(
             type_url, SotwTypeState(type_url)
         )
@@ -150,13 +157,14 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
         nonce = request.response_nonce
         if nonce and state.last_nonce:  # before a response, a nonce cannot be one of ours
             if nonce != state.last_nonce:
-                return  # stale: a reply to a response that has since been superseded
+                return True  # stale: a reply to a response that has since been superseded
             if state.in_flight is not None:
                 acked = self._settle(state, request)
                 if acked and same_names:
-                    return  # a plain ACK: the client has all it needs as of that version
+                    # A plain ACK: the client has all it needs as of that version.
+                    return self.still_due(state, type_url)
             elif request.HasField("error_detail"):
-                return  # a repeated NACK: do not answer it with the same config
+                return True  # a repeated NACK: do not answer it with the same config
             else:
                 state.resend_all = True  # a repeated request: the client needs it again
         elif not state.requested:
@@ -167,6 +175,7 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
             state.subscribe(shared)
             status = self.client.status(type_url)
             status.subscribed = None if state.wildcard else shared.ordered
+        return True
 
     def _settle(self, state: SotwTypeState, request: discovery_pb2.DiscoveryRequest) -> bool:
         """Record the ACK or NACK of the response in flight; True for an ACK."""
@@ -219,6 +228,9 @@ class SotwStream(Stream[SotwTypeState, discovery_pb2.DiscoveryRequest]):
         header = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=state.type_url, nonce=nonce, control_plane=CONTROL_PLANE
         )
+        selection = state.selection(served)
+        if selection is not None and resources is selection.resources:
+            return join_chunks((selection.chunks(delta=False),), header)
         return join_chunks((r.sotw_chunk for r in resources.values()), header)
 
     def _resend_endpoints_of_updated(

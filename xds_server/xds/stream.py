@@ -171,8 +171,20 @@ class Stream(Subscriber, Generic[State, Request]):
             return None
         return type_url
 
-    def on_request(self, request: Request) -> None:  # pragma: no cover - interface
+    def on_request(self, request: Request) -> bool:  # pragma: no cover - interface
+        """Take in one request; True when the writer must look at what to send."""
         raise NotImplementedError
+
+    def still_due(self, state: State, type_url: str) -> bool:
+        """After an ACK, whether the type needs a look: a plain ACK at the cache's current
+        version leaves nothing to send, and waking the writer to find that out was a second
+        pass per stream for every response of a fan-out. Something marked dirty while the
+        response was in flight (a resend), or a cache change made meanwhile (that wake-up
+        skipped the busy type), still wakes it."""
+        if state.dirty:
+            return True
+        served = self.cache.group_for(self.client.node_cluster).of_type(type_url)
+        return self.client.status(type_url).synced_version != served.version
 
     def respond(self, state: State, served: TypeResources) -> bytes | None:  # pragma: no cover
         """The next response for one type, or None when this client needs nothing now."""
@@ -181,10 +193,11 @@ class Stream(Subscriber, Generic[State, Request]):
     def responses(self) -> list[bytes]:
         """What to write now, in ADS order.
 
-        A type found with nothing to send and nothing in flight is synced at the
-        cache's version; until a request or a resend marks it dirty again, a
-        wake-up at that same version skips it without looking at its resources
-        (the common case when a change touches one type of many streams).
+        A type with a response in flight waits for its ACK or NACK (one at a time). A type
+        found with nothing to send is synced at the cache's version; until a request or a
+        resend marks it dirty again, a wake-up at that same version skips it without
+        looking at its resources (the common case when a change touches one type of many
+        streams).
         """
         group = self.group
         if group is None:
@@ -192,8 +205,8 @@ class Stream(Subscriber, Generic[State, Request]):
         out = []
         for type_url in self.types_in_order():
             state = self.states.get(type_url)
-            if state is None or not state.requested:
-                continue
+            if state is None or not state.requested or state.in_flight is not None:
+                continue  # in flight: its ACK or NACK wakes it, `dirty` kept for then
             served = group.of_type(type_url)
             status = self.client.status(type_url)
             if not state.dirty and status.synced_version == served.version:
@@ -202,7 +215,7 @@ class Stream(Subscriber, Generic[State, Request]):
             payload = self.respond(state, served)
             if payload is not None:
                 out.append(payload)
-            elif state.in_flight is None:
+            else:
                 status.synced_version = served.version
         return out
 
@@ -221,8 +234,8 @@ async def serve(
     async def read() -> None:
         try:
             async for request in requests:
-                stream.on_request(request)
-                stream.notify()
+                if stream.on_request(request):
+                    stream.notify()
         except ProtocolError as err:
             failure.append(err)
         except grpc.RpcError as err:

@@ -22,13 +22,36 @@ from xds_server.xds.cache import Resource, TypeResources
 __all__ = ["Selection", "Subscription", "subscription"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Selection:
-    """The resources of one type's current set that a subscription names, and their versions."""
+    """The resources of one type's current set that a subscription names, and their versions.
+
+    A client that lacks all of them (its first response, or an edit of every pool) is sent
+    their chunks joined once here, not joined again for every stream.
+    """
 
     served: TypeResources
     resources: Mapping[str, Resource]
     versions: Mapping[str, str]
+    _sotw: bytes | None = None
+    _delta: bytes | None = None
+    _joins: int = 0
+
+    def chunks(self, delta: bool) -> bytes:
+        """Every resource's Delta or SotW chunk, joined. Kept from the second join on: a
+        subscription that only one stream has would hold a second copy of all it selects
+        for nothing (a join per stream is what the sharing saves)."""
+        kept = self._delta if delta else self._sotw
+        if kept is not None:
+            return kept
+        joined = b"".join(r.delta_chunk if delta else r.sotw_chunk for r in self.resources.values())
+        self._joins += 1
+        if self._joins > 1:
+            if delta:
+                self._delta = joined
+            else:
+                self._sotw = joined
+        return joined
 
 
 @dataclass(slots=True, eq=False, weakref_slot=True)
