@@ -28,9 +28,9 @@ lint: $(STAMP)
 bench-fanout: $(STAMP)
 	$(BIN)/python bench/fanout.py
 
-# Balancing quality (issue 6): ~8.5 minutes; table on stdout, JSON and PNGs in bench/results/.
+# Balancing quality (issues 6, 15): ~19 minutes (ARGS=--quick: under 5); table and verdicts on
+# stdout, JSON and PNGs in bench/results/ (matplotlib comes with the test extra).
 bench-balance: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/balance.py $(ARGS)
 
 clean:

@@ -1,32 +1,40 @@
-"""Balancing-quality benchmark: one heterogeneous fleet, one real Envoy, five strategies.
+"""Balancing-quality benchmark: a fleet of three GPU classes, 1 or N real Envoys, six strategies.
 
-What runs, all on 127.0.0.1 and in this one process and event loop except Envoy:
+What runs, all on 127.0.0.1 and in this one process and event loop except the Envoys:
 
-- the fleet: simulated vLLM servers (`xds_server.simulator`), two `fast` and two `slow`
-  (half the speed, half the KV cache), with small batches and caches so the fleet saturates
-  at request rates this 2-core machine can generate; each server logs every admission with
-  its own KV-cache use and queue at that moment (the honest "sent to a saturated server");
-- per strategy, a fresh `ControlPlane` (the product, in process) and a fresh Envoy 1.40;
-- the load: open-loop Poisson arrivals (`balance_load.py`) at 50/70/90/110 % of the fleet's
-  capacity, measured at the start of the run (every server driven straight at full batch).
+- the fleet (`balance_fleet.py`): 8 simulated vLLM servers, 3 `fast`, 3 `slow` (half the
+  speed and KV cache) and 2 `small` (fast, with a small KV cache); each logs every arrival
+  with its own KV-cache use and queue at that moment (the honest "sent to a saturated server");
+- per strategy and Envoy count, a fresh `ControlPlane` (the product, in process) and N fresh
+  Envoys 1.40 (`balance_rig.py`), each with its own listener; the load generator spreads the
+  requests over them (round robin over the listener ports, or at random);
+- the load: open-loop Poisson arrivals of a heavy-tailed mix of chat, long-context and
+  long-answer requests (`balance_load.py`) at 90 and 110 % of the fleet's capacity, measured
+  at the start of the run (every server driven straight at full batch);
+- after the load cells, the adaptation run (`balance_measure.py`): at 70 % load one fast
+  server is slowed 4x and recovered, in cycles; the victim's mean share while slowed and the
+  report intervals until its share is back.
 
-Strategies (the same pool, only `lb_policy` / `weighting` change):
-  rr       ROUND_ROBIN, static equal weights
-  lr       LEAST_REQUEST, static equal weights
-  cswrr    Envoy's client_side_weighted_round_robin; the servers add rps_fractional and
-           application_utilization to their ORCA (vLLM sends neither: CS-WRR needs them)
-  orca-rr  our weights (weighting: orca) over ROUND_ROBIN; vLLM's own ORCA only
-  orca-lr  our weights over LEAST_REQUEST
+Strategies (the same pool, only `lb_policy` / `weighting` / what the servers report change):
+  rr        ROUND_ROBIN, static equal weights
+  lr        LEAST_REQUEST, static equal weights
+  cswrr     Envoy's client_side_weighted_round_robin; the servers add rps_fractional and
+            application_utilization = batch occupancy to their ORCA (vLLM sends neither)
+  cswrr-kv  the same with rps_fractional only: CS-WRR's utilization is then the KV-cache
+            fraction (metric_names_for_computing_utilization; application_utilization wins
+            over those names when present, so it must be absent)
+  orca-rr   our weights (weighting: orca) over ROUND_ROBIN; vLLM's own ORCA only
+  orca-lr   our weights over LEAST_REQUEST (the product default for weighting: orca)
 
-Each strategy warms up (blackout) before its first cell, each cell warms up before it is
-measured, and after the load cells an adaptation run slows one fast server down mid-run at
-70 % load and times how long until its share of new requests halves.
+Every (strategy, N) runs once per repeat, in a seeded order that rotates from repeat to
+repeat; before each the fleet is checked idle (a busy server is restarted, and it is recorded).
 
-    .venv/bin/python bench/balance.py            # ~8.5 minutes on 2 cores
-    .venv/bin/python bench/balance.py --quick    # ~5 minutes: loads 70/110 %, shorter cells
-    .venv/bin/python bench/balance.py --strategies rr,orca-rr --loads 0.9 --no-adapt
-    .venv/bin/python bench/balance.py --loads 0.7,0.9,1.1 --no-adapt --repeats 3  # ~15 min:
-        # every strategy three times, interleaved; the verdicts on the medians
+    .venv/bin/python bench/balance.py            # ~19 min on 2 cores: N = 1 and 4
+    .venv/bin/python bench/balance.py --quick    # < 5 min: N = 4, short cells, one cycle
+    .venv/bin/python bench/balance.py --strategies lr,orca-lr --envoys 4 --no-adapt
+    .venv/bin/python bench/balance.py --repeats 3   # ~1 hour: verdicts on medians
+    .venv/bin/python bench/balance_verdict.py bench/results/balance.json  # the targets
+    .venv/bin/python bench/balance_tables.py bench/results/balance.json   # README tables
 """
 
 from __future__ import annotations
@@ -42,8 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +59,31 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.balance_load import LENGTHS, latency_summary
-from bench.balance_verdict import median_cells, ms, pct, runs_of, verdict_lines
-from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
-from xds_lab.loadgen import OK, Mix, Outcome, Request, percentile, poisson_schedule, send
-from xds_lab.simulator.model_server import ModelServer
-from xds_lab.simulator.openai import Api
-from xds_lab.simulator.options import SimulatorConfig
+from bench.balance_fleet import (
+    Admission,
+    CountingServer,
+    ensure_idle,
+    fleet_configs,
+    measure_capacity,
+    parse_fleet,
+)
+from bench.balance_load import MIX, LengthMix, latency_summary
+from bench.balance_measure import (
+    Cycle,
+    Phase,
+    cell_figures,
+    cycle_figures,
+    run_phase,
+    summarize_cycles,
+    victim_share,
+)
+from bench.balance_rig import POOL, PlaneWithEnvoys, snapshot_document
+from bench.balance_tables import HEADER, adapt_row, report_lines, row
+from xds_lab.envoy_rig import free_port
+from xds_lab.simulator.orca import VLLM
 from xds_server.app import ControlPlane
 from xds_server.config.types import CSWRR
 
-POOL = "llama"
-MODEL = "llama-3-8b"
-NODE = "bench-balance"
-#: KV-cache use above which a server counts as saturated when a request reaches it.
-SATURATED_KV = 0.95
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -75,217 +92,32 @@ class Strategy:
     name: str
     lb_policy: str
     weighting: str
-    orca_rps: bool  # the servers add what CS-WRR needs to their ORCA reports
+    orca_signals: str  # what the servers' ORCA reports carry (xds_lab.simulator.orca.SIGNALS)
 
 
 STRATEGIES = {
     s.name: s
     for s in (
-        Strategy("rr", "round_robin", "static", False),
-        Strategy("lr", "least_request", "static", False),
-        Strategy("cswrr", CSWRR, "static", True),
-        Strategy("orca-rr", "round_robin", "orca", False),
-        Strategy("orca-lr", "least_request", "orca", False),
+        Strategy("rr", "round_robin", "static", VLLM),
+        Strategy("lr", "least_request", "static", VLLM),
+        Strategy("cswrr", CSWRR, "static", "cswrr"),
+        Strategy("cswrr-kv", CSWRR, "static", "cswrr-kv"),
+        Strategy("orca-rr", "round_robin", "orca", VLLM),
+        Strategy("orca-lr", "least_request", "orca", VLLM),
     )
 }
 
 
-# --------------------------------------------------------------------------- the fleet
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    at: float  # time.monotonic()
-    server: str
-    saturated: bool  # KV cache above SATURATED_KV
-    queued: bool  # no free batch slot: it waits behind others
-
-
-class CountingServer(ModelServer):
-    """A simulated server that logs each request's arrival with its own state at that moment:
-    what the server knew when the balancer's choice reached it."""
-
-    def __init__(self, config: SimulatorConfig, name: str, log: list[Admission]) -> None:
-        super().__init__(config, name=name)
-        self._log = log
-
-    async def _generate(self, request: Any, api: Api) -> Any:
-        state = self.state
-        busy = state.waiting > 0 or state.running >= self.config.max_num_seqs
-        self._log.append(
-            Admission(time.monotonic(), self.name, state.kv_cache_usage > SATURATED_KV, busy)
-        )
-        return await super()._generate(request, api)
-
-
-def fleet_configs(
-    fast: int, slow: int, batch: int, kv_fast: int, max_waiting: int = 0
-) -> list[tuple[str, Any]]:
-    """(name, config) per server: `slow` has half of `fast`'s speed and KV cache;
-    `max_waiting` bounds each queue (503 beyond it), 0 leaves it unbounded as vLLM's is."""
-    bound = {"max_waiting": max_waiting} if max_waiting else {}
-    configs = []
-    for profile, count, kv in (("fast", fast, kv_fast), ("slow", slow, kv_fast // 2)):
-        for index in range(count):
-            config = SimulatorConfig.profile(
-                profile, model=MODEL, max_num_seqs=batch, kv_cache_tokens=kv, **bound
-            )
-            configs.append((f"{profile}-{index}", config))
-    return configs
-
-
-async def wait_idle(servers: list[CountingServer], timeout: float = 20.0) -> None:
-    """Until no server runs or queues anything (aborted streams free at once)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(s.state.running == 0 and s.state.waiting == 0 for s in servers):
-            return
-        await asyncio.sleep(0.1)
-
-
-# --------------------------------------------------------------------------- load phases
-
-
-@dataclass(slots=True)
-class Phase:
-    """One open-loop phase: its schedule's outcomes and what it cost the generator."""
-
-    start: float
-    outcomes: list[Outcome] = field(default_factory=list)
-    cpu: float = 0.0  # process CPU seconds over the phase (this loop runs servers + clients)
-    wall: float = 0.0
-
-
-async def run_phase(
-    session: aiohttp.ClientSession,
-    url: str,
-    rate: float,
-    duration: float,
-    rng: random.Random,
-    mix: Mix,
-    grace: float,
-    timeout: float,
-    at_offset: dict[float, Any] | None = None,
-) -> Phase:
-    """Send a Poisson schedule, then wait up to `grace` s for the stragglers (cut off after).
-
-    `at_offset`: callables run when the phase reaches that many seconds (the slowdown).
-    """
-    schedule = poisson_schedule(rate, duration, rng, mix)
-    events = sorted((at_offset or {}).items())
-    cpu0 = time.process_time()
-    phase = Phase(start=time.monotonic())
-    tasks = []
-    for request in schedule:
-        while events and events[0][0] <= request.at:
-            events.pop(0)[1]()
-        delay = phase.start + request.at - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        now = time.monotonic()
-        outcome = Outcome(request, sent=now, lag=now - phase.start - request.at)
-        phase.outcomes.append(outcome)
-        tasks.append(asyncio.create_task(send(session, url, outcome, MODEL, timeout)))
-    for _, action in events:
-        action()
-    end = phase.start + duration
-    if tasks:
-        await asyncio.wait(tasks, timeout=max(0.0, end + grace - time.monotonic()))
-    for task in tasks:
-        task.cancel()  # unanswered by the cut-off: counted as timed out
-    await asyncio.gather(*tasks, return_exceptions=True)
-    phase.cpu = time.process_time() - cpu0
-    phase.wall = time.monotonic() - phase.start
-    return phase
-
-
-def cell_figures(
-    phase: Phase, warmup: float, measure: float, admissions: list[Admission]
-) -> dict[str, Any]:
-    """Figures over the measured window [start + warmup, start + warmup + measure)."""
-    lo, hi = phase.start + warmup, phase.start + warmup + measure
-    measured = [o for o in phase.outcomes if lo <= o.sent < hi]
-    finished = [o for o in phase.outcomes if o.status == OK and lo <= o.finished < hi]
-    failed = sum(o.status != OK for o in measured)
-    arrived = [a for a in admissions if lo <= a.at < hi]
-    lags = sorted(o.lag for o in phase.outcomes)
-    return {
-        "sent": len(measured),
-        "completed_rps": len(finished) / measure,
-        "output_tps": sum(o.output_tokens for o in finished) / measure,
-        **latency_summary(measured),
-        "errors": sum(o.status == "error" for o in measured),
-        "timeouts": sum(o.status == "timeout" for o in measured),
-        "error_rate": failed / len(measured) if measured else math.nan,
-        "saturated_share": _share(a.saturated for a in arrived),
-        "queued_share": _share(a.queued for a in arrived),
-        "per_server": _count(a.server for a in arrived),
-        "generator_lag_p99": percentile(lags, 99),
-        "cpu_share": phase.cpu / phase.wall if phase.wall else math.nan,
-    }
-
-
-def _share(flags: Iterable[bool]) -> float:
-    values = list(flags)
-    return sum(values) / len(values) if values else math.nan
-
-
-def _count(names: Iterable[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-# --------------------------------------------------------------------------- capacity
-
-
-async def measure_capacity(
-    servers: list[CountingServer], mix: Mix, seconds: float, seed: int
-) -> dict[str, float]:
-    """Each server's full-batch throughput, all at once and straight (no Envoy): a closed loop
-    of twice its batch size per server; completed requests/s over `seconds` after a warm-up."""
-    rng = random.Random(seed)
-    counts = {s.name: 0 for s in servers}
-    tokens = {s.name: 0 for s in servers}
-    warm = 2.0
-    start = time.monotonic()
-    stop_at = start + warm + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-
-        async def client(server: CountingServer) -> None:
-            url = f"{server.url}/v1/completions"
-            while time.monotonic() < stop_at:
-                request = Request(0.0, *mix.draw(rng))
-                outcome = Outcome(request, sent=time.monotonic(), lag=0.0)
-                await send(session, url, outcome, MODEL, stop_at - time.monotonic() + 5)
-                if outcome.status == OK and start + warm <= outcome.finished < stop_at:
-                    counts[server.name] += 1
-                    tokens[server.name] += outcome.output_tokens
-
-        workers = [client(s) for s in servers for _ in range(2 * s.config.max_num_seqs)]
-        await asyncio.gather(*workers)
-    per_server = {name: count / seconds for name, count in counts.items()}
-    return {
-        "rps": sum(per_server.values()),
-        "output_tps": sum(tokens.values()) / seconds,
-        "per_server_rps": per_server,
-    }
-
-
-# --------------------------------------------------------------------------- one strategy
-
-
-def snapshot(strategy: Strategy, servers: list[CountingServer], port: int, orca: dict) -> dict:
+def pool_spec(strategy: Strategy, ports: list[int], orca: dict[str, Any]) -> dict[str, Any]:
     pool: dict[str, Any] = {
         "name": POOL,
         "lb_policy": strategy.lb_policy,
         "weighting": strategy.weighting,
-        "endpoints": [{"address": "127.0.0.1", "port": s.port, "zone": "zone-a"} for s in servers],
+        "endpoints": [{"address": "127.0.0.1", "port": p, "zone": "zone-a"} for p in ports],
     }
     if orca:
         pool["orca"] = orca
-    return one_pool_snapshot(port, pool, listener={"body_routing": False}, route={"timeout": 0})
+    return pool
 
 
 class WeightLog:
@@ -297,19 +129,6 @@ class WeightLog:
         self.samples: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
 
-    def sample(self) -> None:
-        state = self.plane.engine.pools.get(POOL)
-        latest = state.latest if state is not None else None
-        if latest is None:
-            return
-        self.samples.append(
-            {
-                "t": round(time.monotonic() - self.t0, 2),
-                "weights": {self.names[k]: w for k, w in latest.endpoints.items()},
-                "states": {self.names[k]: why["state"] for k, why in latest.explain.items()},
-            }
-        )
-
     def explain(self) -> dict[str, Any]:
         state = self.plane.engine.pools.get(POOL)
         if state is None or state.latest is None:
@@ -318,7 +137,16 @@ class WeightLog:
 
     async def run(self) -> None:
         while True:
-            self.sample()
+            state = self.plane.engine.pools.get(POOL)
+            if state is not None and state.latest is not None:
+                latest = state.latest
+                self.samples.append(
+                    {
+                        "t": round(time.monotonic() - self.t0, 2),
+                        "weights": {self.names[k]: w for k, w in latest.endpoints.items()},
+                        "states": {self.names[k]: w["state"] for k, w in latest.explain.items()},
+                    }
+                )
             await asyncio.sleep(1.0)
 
 
@@ -333,28 +161,31 @@ class Plan:
     adapt: bool
     adapt_load: float
     adapt_before: float
-    adapt_after: float
+    adapt_slowed: float
+    adapt_recovered: float
+    adapt_cycles: int
     slowdown: float
-    orca: dict
+    orca: dict[str, Any]
     lrs_interval: float
+    spread: str
 
 
 @dataclass(slots=True)
 class Bench:
     """What every strategy runs against: the fleet and its admission log, the measured
-    capacity, the plan and the request mix."""
+    capacity, the plan, the request mix and this repeat's seed."""
 
     servers: list[CountingServer]
     admissions: list[Admission]
     capacity: float
     plan: Plan
-    mix: Mix
+    mix: LengthMix
     seed: int
 
     async def phase(
         self,
         session: aiohttp.ClientSession,
-        url: str,
+        urls: list[str],
         load: float,
         duration: float,
         rng: random.Random,
@@ -362,182 +193,148 @@ class Bench:
     ) -> Phase:
         """`load` as a fraction of capacity, for `duration` seconds."""
         plan = self.plan
-        rate = load * self.capacity
         return await run_phase(
-            session, url, rate, duration, rng, self.mix, plan.grace, plan.timeout, at_offset
+            session,
+            urls,
+            plan.spread,
+            load * self.capacity,
+            duration,
+            rng,
+            self.mix,
+            plan.grace,
+            plan.timeout,
+            at_offset,
         )
 
 
-async def run_strategy(strategy: Strategy, bench: Bench, workdir: Path) -> dict[str, Any]:
+async def run_strategy(
+    strategy: Strategy, envoys: int, bench: Bench, workdir: Path
+) -> dict[str, Any]:
     servers, plan = bench.servers, bench.plan
+    label = f"{strategy.name}/{envoys}"
+    result: dict[str, Any] = {
+        "strategy": asdict(strategy),
+        "envoys": envoys,
+        "idle_before": await ensure_idle(servers),
+        "cells": [],
+        "explain": {},
+    }
+    if not result["idle_before"]["idle"]:
+        print(f"{label}: fleet not idle, restarted {result['idle_before']}", flush=True)
     for server in servers:
-        server.update({"orca_rps": strategy.orca_rps})
-    port = free_port()
-    folder = workdir / strategy.name
+        server.update({"orca_signals": strategy.orca_signals})
+        server.set_slowdown(1.0)
+    ports = [free_port() for _ in range(envoys)]
+    folder = workdir / f"{strategy.name}-{envoys}"
     folder.mkdir()
     path = folder / "snapshot.yaml"
-    path.write_text(yaml.safe_dump(snapshot(strategy, servers, port, plan.orca)))
-    pair = PlaneWithEnvoy(local_settings(path, lrs_interval=plan.lrs_interval), folder, NODE)
-    names = {f"127.0.0.1:{s.port}": s.name for s in servers}
-    weights = WeightLog(pair.plane, names)
+    pool = pool_spec(strategy, [s.port for s in servers], plan.orca)
+    path.write_text(yaml.safe_dump(snapshot_document(pool, ports)))
+    rig = PlaneWithEnvoys(path, folder, envoys, plan.lrs_interval)
+    weights = WeightLog(rig.plane, {f"127.0.0.1:{s.port}": s.name for s in servers})
     sampler = asyncio.create_task(weights.run())
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    result: dict[str, Any] = {"strategy": asdict(strategy), "cells": [], "explain": {}}
+    urls = [f"http://127.0.0.1:{port}/v1/completions" for port in ports]
     try:
-        await pair.start()
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        await rig.start()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for index, load in enumerate(plan.loads):
                 rng = random.Random(bench.seed * 1000 + index)  # the same for every strategy
                 warmup = plan.first_warmup if index == 0 else plan.warmup
-                phase = await bench.phase(session, url, load, warmup + plan.measure, rng)
+                phase = await bench.phase(session, urls, load, warmup + plan.measure, rng)
                 cell = cell_figures(phase, warmup, plan.measure, bench.admissions)
                 cell |= {"load": load, "offered_rps": load * bench.capacity}
+                cell["load_average"] = os.getloadavg()[0]  # the machine is shared: a record
+                if index == 0:
+                    result["envoy_weights"] = await rig.host_weights()
                 result["cells"].append(cell)
                 result["explain"][str(load)] = weights.explain()
-                print(_row(strategy.name, cell), flush=True)
-                await wait_idle(servers)
+                print(row(label, cell), flush=True)
+                cell["idle_after"] = await ensure_idle(servers)
             if plan.adapt:
-                result["adaptation"] = await adaptation(session, url, bench)
-                print(_adapt_row(strategy.name, result["adaptation"]), flush=True)
+                result["adaptation"] = await adaptation(session, urls, bench)
+                print(adapt_row(label, result["adaptation"]), flush=True)
     finally:
         sampler.cancel()
-        await pair.stop()
+        await rig.stop()
         for server in servers:
             server.set_slowdown(1.0)
-        await wait_idle(servers)
     result["weights"] = weights.samples
     return result
 
 
-async def adaptation(session: aiohttp.ClientSession, url: str, bench: Bench) -> dict[str, Any]:
-    """At `adapt_load`, slow the first server (a fast one) down after `adapt_before` s and
-    time until its share of arrivals (2 s sliding window) falls to half its share before."""
+async def adaptation(
+    session: aiohttp.ClientSession, urls: list[str], bench: Bench
+) -> dict[str, Any]:
+    """At `adapt_load`, after `adapt_before` s, `adapt_cycles` times: slow the first server (a
+    fast one) down for `adapt_slowed` s, then let it run normally for `adapt_recovered` s."""
     servers, plan, admissions = bench.servers, bench.plan, bench.admissions
     victim = servers[0]
-    rng = random.Random(bench.seed * 1000 + 999)
+    period = plan.adapt_slowed + plan.adapt_recovered
+    offsets = [plan.adapt_before + k * period for k in range(plan.adapt_cycles)]
+    events: dict[float, Any] = {}
+    for at in offsets:
+        events[at] = lambda: victim.set_slowdown(plan.slowdown)
+        events[at + plan.adapt_slowed] = lambda: victim.set_slowdown(1.0)
     first = len(admissions)
-    phase = await bench.phase(
-        session,
-        url,
-        plan.adapt_load,
-        plan.adapt_before + plan.adapt_after,
-        rng,
-        at_offset={plan.adapt_before: lambda: victim.set_slowdown(plan.slowdown)},
-    )
+    rng = random.Random(bench.seed * 1000 + 999)
+    duration = plan.adapt_before + plan.adapt_cycles * period
+    phase = await bench.phase(session, urls, plan.adapt_load, duration, rng, events)
     victim.set_slowdown(1.0)
-    t0 = phase.start + plan.adapt_before
-    log = [a for a in admissions[first:] if a.at >= phase.start]
-    before = [a for a in log if t0 - (plan.adapt_before - 2.0) <= a.at < t0]  # skip the ramp
-    base = _share(a.server == victim.name for a in before)
-    arrivals = [(a.at, a.server == victim.name) for a in log]
-    halved = halved_after(arrivals, t0, t0 + plan.adapt_after, base)
-    after = [a for a in log if t0 + plan.adapt_after - 4.0 <= a.at < t0 + plan.adapt_after]
-    timeline = []
-    second = 0
-    while phase.start + second < t0 + plan.adapt_after:
-        window = [a for a in log if phase.start + second <= a.at < phase.start + second + 1]
-        counts = _count(a.server for a in window)
-        total = sum(counts.values())
-        timeline.append(
-            {
-                "t": second - plan.adapt_before,
-                **{s.name: counts.get(s.name, 0) / (total or 1) for s in servers},
-            }
-        )
-        second += 1
-    late = [o for o in phase.outcomes if o.sent >= t0]
+    arrivals = [(a.at, a.server == victim.name) for a in admissions[first:]]
+    t0 = phase.start
+    # Before any slowdown; the first 2 s are the ramp from an idle fleet.
+    base = victim_share(arrivals, t0 + min(2.0, plan.adapt_before / 2), t0 + plan.adapt_before)
+    cycles = [Cycle(t0 + at, t0 + at + plan.adapt_slowed, t0 + at + period) for at in offsets]
+    figures = cycle_figures(arrivals, cycles, base, plan.lrs_interval)
+    slowed = [o for o in phase.outcomes for c in cycles if c.slowed <= o.sent < c.recovered]
+    timeline = [
+        round(victim_share(arrivals, t0 + s, t0 + s + 1), 3) for s in range(math.ceil(duration))
+    ]
     return {
         "victim": victim.name,
         "slowdown": plan.slowdown,
         "load": plan.adapt_load,
         "share_before": base,
-        "share_end": _share(a.server == victim.name for a in after),
-        "halved_after_s": None if halved is None else round(halved, 2),
-        "p99_after": latency_summary(late)["p99"],
+        "cycles": figures,
+        **summarize_cycles(figures),
+        "p99_slowed": latency_summary(slowed)["p99"],
+        "timeline_start": -plan.adapt_before,
         "timeline": timeline,
     }
-
-
-def halved_after(
-    arrivals: list[tuple[float, bool]],
-    t0: float,
-    end: float,
-    base: float,
-    window: float = 2.0,
-    hold: float = 3.0,
-    step: float = 0.25,
-) -> float | None:
-    """Seconds after t0 until the victim's share of arrivals (`(time, to_victim)` pairs) over a
-    sliding `window` falls to half of `base` and stays there for `hold` seconds; None if not
-    before `end`. Holding matters: a strategy that oscillates dips below half now and then."""
-
-    def halved(t: float) -> bool:
-        flags = [victim for at, victim in arrivals if t - window <= at < t]
-        return bool(flags) and _share(flags) <= base / 2
-
-    checks = int(hold / step)
-    t = t0 + window
-    while t + hold <= end:
-        if all(halved(t + i * step) for i in range(checks + 1)):
-            return t - t0
-        t += step
-    return None
-
-
-# --------------------------------------------------------------------------- output
-
-
-HEADER = (
-    f"{'strategy':8} {'load':>5} {'offer':>6} {'done/s':>6} {'tok/s':>6} {'p50':>6} {'p95':>6} "
-    f"{'p99':>6} {'ttft50':>6} {'ttft99':>6} {'err%':>5} {'sat%':>5} {'queue%':>6} "
-    f"{'lag99':>5} {'cpu':>4}"
-)
-
-
-def _row(name: str, c: dict[str, Any]) -> str:
-    return (
-        f"{name:8} {100 * c['load']:4.0f}% {c['offered_rps']:6.1f} {c['completed_rps']:6.1f} "
-        f"{c['output_tps']:6.0f} {ms(c['p50']):>6} {ms(c['p95']):>6} {ms(c['p99']):>6} "
-        f"{ms(c['ttft_p50']):>6} {ms(c['ttft_p99']):>6} {pct(c['error_rate']):>5} "
-        f"{pct(c['saturated_share']):>5} {pct(c['queued_share']):>6} "
-        f"{ms(c['generator_lag_p99']):>5} {c['cpu_share']:4.2f}"
-    )
-
-
-def _adapt_row(name: str, a: dict[str, Any]) -> str:
-    halved = "never" if a["halved_after_s"] is None else f"{a['halved_after_s']:.2f} s"
-    return (
-        f"{name:8} adaptation: {a['victim']} x{a['slowdown']:g} at {100 * a['load']:.0f}%: share "
-        f"{pct(a['share_before'])}% -> {pct(a['share_end'])}%, halved after {halved}, "
-        f"p99 after {ms(a['p99_after'])} ms"
-    )
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--loads", default="0.5,0.7,0.9,1.1", help="fractions of capacity")
-    parser.add_argument("--quick", action="store_true", help="loads 0.7,1.1; 6 s cells")
-    parser.add_argument("--measure", type=float, default=10.0, help="seconds measured per cell")
+    parser.add_argument("--envoys", default="1,4", help="Envoy counts to run every strategy at")
+    parser.add_argument(
+        "--spread", choices=("rr", "random"), default="rr", help="how requests pick an Envoy"
+    )
+    parser.add_argument("--loads", default="0.9,1.1", help="fractions of capacity")
+    parser.add_argument("--quick", action="store_true", help="< 5 min: N=4, short cells")
+    parser.add_argument("--measure", type=float, default=15.0, help="seconds measured per cell")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before each cell")
     parser.add_argument(
         "--first-warmup", type=float, default=12.0, help="before a strategy's first cell (blackout)"
     )
-    parser.add_argument("--grace", type=float, default=8.0, help="cut-off after a cell's arrivals")
+    parser.add_argument("--grace", type=float, default=6.0, help="cut-off after a cell's arrivals")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request")
     parser.add_argument("--no-adapt", dest="adapt", action="store_false")
-    parser.add_argument("--adapt-after", type=float, default=15.0)
+    parser.add_argument("--adapt-before", type=float, default=6.0, help="seconds before the first")
+    parser.add_argument("--adapt-cycles", type=int, default=2, help="slowdowns of the victim")
+    parser.add_argument("--adapt-slowed", type=float, default=6.0, help="seconds per slowdown")
+    parser.add_argument(
+        "--adapt-recovered", type=float, default=6.0, help="seconds after each slowdown"
+    )
     parser.add_argument("--slowdown", type=float, default=4.0)
     parser.add_argument("--capacity-seconds", type=float, default=8.0)
     parser.add_argument("--capacity", type=float, default=0.0, help="skip measuring: this rps")
-    parser.add_argument("--fast", type=int, default=2)
-    parser.add_argument("--slow", type=int, default=2)
+    parser.add_argument("--fleet", default="fast:3,slow:3,small:2", help="CLASS:COUNT,...")
     parser.add_argument("--batch", type=int, default=8, help="max_num_seqs of every server")
-    parser.add_argument("--kv-fast", type=int, default=4096, help="KV tokens of a fast server")
+    parser.add_argument("--kv-fast", type=int, default=6144, help="KV tokens of a fast server")
     parser.add_argument(
         "--max-waiting", type=int, default=0, help="queue bound per server (503 beyond); 0: none"
     )
@@ -545,20 +342,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--orca", action="append", default=[], metavar="KEY=VALUE", help="the pool's orca: params"
     )
     parser.add_argument("--lrs-interval", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1, help="of the first run's schedules")
+    parser.add_argument("--seed", type=int, default=1, help="of the first repeat's schedules")
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of every strategy (seeds seed, seed+1, ...)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", help="results file stem (default balance, balance-quick)")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
     args = parser.parse_args(argv)
     if args.quick:
-        args.loads, args.measure, args.adapt_after = "0.7,1.1", 6.0, 10.0
-    if args.repeats < 1:
-        parser.error(f"--repeats must be 1 or more, not {args.repeats}")
+        args.envoys, args.measure, args.warmup, args.grace = "4", 5.0, 2.0, 4.0
+        args.first_warmup, args.capacity_seconds = 3.0, 5.0
+        args.adapt_before, args.adapt_cycles, args.adapt_slowed = 3.0, 1, 4.0
+        args.adapt_recovered = 5.0
+        if not any(item.startswith("blackout=") for item in args.orca):
+            args.orca.append("blackout=2")  # ours and CS-WRR alike: weights from 2 s on
+    args.name = args.name or ("balance-quick" if args.quick else "balance")
+    if args.repeats < 1 or args.adapt_cycles < 1:
+        parser.error("--repeats and --adapt-cycles must be 1 or more")
     unknown = set(args.strategies.split(",")) - set(STRATEGIES)
     if unknown:
         parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
+    try:
+        args.envoy_counts = [int(n) for n in args.envoys.split(",")]
+        args.classes = parse_fleet(args.fleet)
+    except ValueError as err:
+        parser.error(str(err))
+    if any(n < 1 for n in args.envoy_counts):
+        parser.error("--envoys takes counts of 1 or more")
     return args
 
 
@@ -576,12 +387,24 @@ def plan_from(args: argparse.Namespace) -> Plan:
         timeout=args.timeout,
         adapt=args.adapt,
         adapt_load=0.7,
-        adapt_before=6.0,
-        adapt_after=args.adapt_after,
+        adapt_before=args.adapt_before,
+        adapt_slowed=args.adapt_slowed,
+        adapt_recovered=args.adapt_recovered,
+        adapt_cycles=args.adapt_cycles,
         slowdown=args.slowdown,
         orca=orca,
         lrs_interval=args.lrs_interval,
+        spread=args.spread,
     )
+
+
+def run_order(names: list[str], counts: list[int], seed: int, run: int) -> list[tuple[str, int]]:
+    """Every (strategy, Envoy count) once: a seeded shuffle, rotated by one place per repeat,
+    so each takes every position across repeats and drift on the machine touches all alike."""
+    combos = [(name, n) for n in counts for name in names]
+    random.Random(seed).shuffle(combos)
+    shift = run % len(combos)
+    return combos[shift:] + combos[:shift]
 
 
 def source_state() -> dict[str, Any]:
@@ -599,7 +422,7 @@ def source_state() -> dict[str, Any]:
         return done.stdout.rstrip()
 
     digest = hashlib.sha256()
-    for path in sorted((root / "lrs").glob("*.py")):
+    for path in sorted((root / "lrs").rglob("*.py")):
         digest.update(path.read_bytes())
     return {
         "head": git("rev-parse", "--short", "HEAD"),
@@ -608,78 +431,52 @@ def source_state() -> dict[str, Any]:
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+async def main_async(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Fills `out` as it goes (`results` after each strategy), so that a run cut short still
+    leaves what it measured."""
     plan = plan_from(args)
-    mix = Mix(LENGTHS)
     admissions: list[Admission] = []
-    configs = fleet_configs(args.fast, args.slow, args.batch, args.kv_fast, args.max_waiting)
+    configs = fleet_configs(args.classes, args.kv_fast, args.batch, MIX, args.max_waiting)
     servers = [CountingServer(config, name, admissions) for name, config in configs]
     started = time.monotonic()
-    out: dict[str, Any] = {
+    out |= {
         "command": " ".join(sys.argv),
         "source": source_state(),
-        "load_average_before": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()},
         "plan": asdict(plan),
-        "mix": asdict(mix),
+        "mix": {"kinds": [asdict(k) for k in MIX.kinds], "quantiles": MIX.quantiles()},
         "fleet": {s.name: s.config.as_dict() for s in servers},
     }
     print(f"load average {os.getloadavg()[0]:.2f}; fleet {[s.name for s in servers]}", flush=True)
+    print(f"request lengths {out['mix']['quantiles']}", flush=True)
     try:
         for server in servers:
             await server.start()
         if args.capacity > 0:
             capacity = {"rps": args.capacity, "given": True}
         else:
-            capacity = await measure_capacity(servers, mix, args.capacity_seconds, args.seed)
-            await wait_idle(servers)
+            capacity = await measure_capacity(servers, MIX, args.capacity_seconds, args.seed)
         out["capacity"] = capacity
         print(f"fleet capacity {capacity['rps']:.1f} req/s {capacity}", flush=True)
         print(HEADER, flush=True)
-        results = []
+        results: list[dict[str, Any]] = []
+        out["results"] = results
         with tempfile.TemporaryDirectory(prefix="bench-balance-") as tmp:
-            for run in range(args.repeats):  # interleaved: drift touches every strategy alike
+            for run in range(args.repeats):
                 seed = args.seed + run
-                folder = Path(tmp) / f"run-{run}"
-                folder.mkdir()
-                for name in args.strategies.split(","):
-                    bench = Bench(servers, admissions, capacity["rps"], plan, mix, seed)
-                    result = await run_strategy(STRATEGIES[name], bench, folder)
-                    results.append(result | {"run": run, "seed": seed})
+                order = run_order(args.strategies.split(","), args.envoy_counts, args.seed, run)
+                for position, (name, envoys) in enumerate(order):
+                    bench = Bench(servers, admissions, capacity["rps"], plan, MIX, seed)
+                    folder = Path(tmp) / f"run-{run}"
+                    folder.mkdir(exist_ok=True)
+                    result = await run_strategy(STRATEGIES[name], envoys, bench, folder)
+                    results.append(result | {"run": run, "seed": seed, "position": position})
                     admissions.clear()
     finally:
         for server in servers:
             await server.stop()
-    out["results"] = results
-    if args.repeats > 1:
-        medians = median_cells(runs_of(results))
-        out["medians"] = {name: list(cells.values()) for name, cells in medians.items()}
-    out["seconds"] = time.monotonic() - started
-    out["load_average_after"] = os.getloadavg()
-    return out
-
-
-def report(out: dict[str, Any]) -> str:
-    lines = [HEADER]
-    for result in out["results"]:
-        lines += [_row(result["strategy"]["name"], c) for c in result["cells"]]
-    lines += [
-        _adapt_row(r["strategy"]["name"], r["adaptation"])
-        for r in out["results"]
-        if "adaptation" in r
-    ]
-    runs = runs_of(out["results"])
-    if len(runs) > 1:
-        lines += ["", f"median of {len(runs)} runs (seeds from {out['results'][0]['seed']} on)"]
-        lines.append(HEADER)
-        for name, cells in median_cells(runs).items():
-            lines += [_row(name, cell) for cell in cells.values()]
-    lines += verdict_lines(runs)
-    before, after = out["load_average_before"][0], out["load_average_after"][0]
-    lines.append(
-        f"capacity {out['capacity']['rps']:.1f} req/s; {out['seconds']:.0f} s; "
-        f"load average {before:.2f} before, {after:.2f} after"
-    )
-    return "\n".join(lines)
+        out["seconds"] = time.monotonic() - started
+        out["machine"]["load_average_after"] = os.getloadavg()
 
 
 def _json_ready(value: Any) -> Any:
@@ -695,19 +492,24 @@ def _json_ready(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = asyncio.run(main_async(args))
-    print("\n" + report(out))
+    out: dict[str, Any] = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "balance.json"
+    path = args.out / f"{args.name}.json"
+    try:
+        asyncio.run(main_async(args, out))
+    except BaseException as err:
+        if out.get("results"):  # keep what was measured, marked as cut short
+            out["incomplete"] = repr(err)
+            path.with_suffix(".incomplete.json").write_text(json.dumps(_json_ready(out), indent=1))
+            print(f"cut short; wrote {path.with_suffix('.incomplete.json')}", file=sys.stderr)
+        raise
+    print("\n" + "\n".join(report_lines(out)))
     path.write_text(json.dumps(_json_ready(out), indent=1))
     print(f"wrote {path}")
     if args.plots:
-        try:
-            from bench.balance_plot import plot
-        except ImportError as err:  # matplotlib is the optional `bench` extra
-            print(f"no plots ({err}): pip install -e '.[bench]'")
-            return 0
-        for written in plot(out, args.out):
+        from bench.balance_plot import plot
+
+        for written in plot(out, args.out, args.name):
             print(f"wrote {written}")
     return 0
 

@@ -20,7 +20,7 @@ from xds_server.config.types import CSWRR
 
 NODE = "envoy-cswrr"
 # Small batches so the slowed server queues within seconds; CS-WRR needs rps_fractional.
-SIM = SimulatorConfig.profile("fast", max_num_seqs=4, kv_cache_tokens=4096, orca_rps=True)
+SIM = SimulatorConfig.profile("fast", max_num_seqs=4, kv_cache_tokens=4096, orca_signals="cswrr")
 
 
 async def closed_loop(url: str, workers: int, seconds: float) -> collections.Counter[str]:

@@ -24,7 +24,8 @@ def test_mix_is_seeded_and_clipped() -> None:
 
 async def test_open_loop_sends_at_the_rate_and_reports_each_outcome() -> None:
     outcomes: list[Outcome] = []
-    config = SimulatorConfig.profile("fast", time_scale=0.1)
+    # legacy: every answer is max_tokens long, so the counts below are exact
+    config = SimulatorConfig.profile("fast", time_scale=0.1, engine_model="legacy")
     async with ModelServer(config, name="sim") as server:
         mix = Mix(RequestMix(prompt_tokens=20, output_tokens=4), stream_share=0.5)
         load = OpenLoopLoad(f"{server.url}/v1/completions", 40.0, outcomes.append, mix=mix)

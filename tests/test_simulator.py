@@ -1,7 +1,8 @@
 """The vLLM-like model-server simulator, over real HTTP on 127.0.0.1.
 
 Timing asserts compare runs against each other with loose ratios (2 cores, other agents'
-tests running too); simulated steps are kept short so the file stays in seconds.
+tests running too); simulated steps are kept short so the file stays in seconds. The engine
+models themselves are stepped without the clock in test_sim_engine.py.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
 from xds_lab.envoy_rig import free_port
 from xds_lab.simulator.model_server import ModelServer
 from xds_lab.simulator.openai import CHAT, COMPLETIONS, BadRequest, GenerationRequest
-from xds_lab.simulator.options import SimulatorConfig
+from xds_lab.simulator.options import PROFILES, SimulatorConfig
+from xds_lab.simulator.orca import SIGNALS
 
 CLI = [sys.executable, "-m", "xds_lab.cli"]
 ORCA_FIELDS = {"application_utilization", "rps_fractional", "cpu_utilization", "mem_utilization"}
 #: Quick steps for tests: 4 ms per decode step, plus 0.5 ms per running sequence.
 QUICK = {"decode_step_base_s": 0.004, "decode_step_per_seq_s": 0.0005}
+#: Every answer runs to max_tokens (no drawn lengths), where a test counts tokens exactly.
+FULL = {"output_median_fraction": 1.0, "output_sigma": 0.0}
 
 
 @asynccontextmanager
@@ -119,7 +123,7 @@ def parse_orca_json(value: str) -> OrcaLoadReport:
 
 
 async def test_completion_is_openai_shaped_and_names_the_server():
-    async with running() as (server, session):
+    async with running(**FULL) as (server, session):
         status, body, _, headers = await complete(
             session, server.url, prompt="x" * 80, max_tokens=7
         )
@@ -136,7 +140,7 @@ async def test_completion_is_openai_shaped_and_names_the_server():
 
 
 async def test_chat_is_openai_shaped_and_counts_messages():
-    async with running() as (server, session):
+    async with running(**FULL) as (server, session):
         messages = [
             {"role": "system", "content": "s" * 40},
             {"role": "user", "content": [{"type": "text", "text": "u" * 40}]},
@@ -201,7 +205,7 @@ def test_parsing_any_json_gives_a_request_or_bad_request(body: Any):
 
 
 async def test_stream_arrives_token_by_token_and_ends_with_done():
-    async with running(decode_step_base_s=0.02) as (server, session):
+    async with running(decode_step_base_s=0.02, **FULL) as (server, session):
         body = {"prompt": "hello", "max_tokens": 8, "stream": True}
         start = time.monotonic()
         async with session.post(f"{server.url}/v1/completions", json=body) as resp:
@@ -222,7 +226,7 @@ async def test_stream_arrives_token_by_token_and_ends_with_done():
 
 
 async def test_chat_stream_deltas_and_usage():
-    async with running() as (server, session):
+    async with running(**FULL) as (server, session):
         body = {
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 3,
@@ -259,11 +263,17 @@ async def test_client_disconnect_frees_its_sequence():
 
 
 async def test_orca_header_only_when_asked_and_parses_like_envoy():
-    # One long request runs (320-token prompt: 20 of 64 blocks), one waits behind it.
-    async with running(max_num_seqs=1, kv_cache_tokens=1024, decode_step_base_s=0.05) as (
-        server,
-        session,
-    ):
+    # One long request runs (320-token prompt: 20 of 64 blocks), one waits behind it. Streams
+    # sample the report as their headers go out, so this mode sends it on streams too.
+    config = SimulatorConfig.profile(
+        "fast",
+        max_num_seqs=1,
+        kv_cache_tokens=1024,
+        decode_step_base_s=0.05,
+        orca_signals="vllm-streams",
+        **FULL,
+    )
+    async with running(config) as (server, session):
         first = asyncio.create_task(
             complete(session, server.url, prompt_tokens=320, max_tokens=500)
         )
@@ -286,28 +296,62 @@ async def test_orca_header_only_when_asked_and_parses_like_envoy():
     for report in (parse_orca_text(reports["TEXT"]), parse_orca_json(reports["JSON"])):
         assert set(report.named_metrics) == {"kv_cache_usage_perc", "num_requests_waiting"}
         assert report.named_metrics["num_requests_waiting"] == 2.0  # `second` and itself
-        assert 21 / 64 <= report.named_metrics["kv_cache_usage_perc"] < 0.5  # a fraction
+        assert 20 / 64 <= report.named_metrics["kv_cache_usage_perc"] < 0.5  # a fraction
         assert report.rps_fractional == 0 and report.application_utilization == 0
 
 
-async def test_orca_rps_reports_utilization_and_request_rate():
-    async with running(orca_rps=True, max_num_seqs=4) as (server, session):
-        await asyncio.gather(
+#: Per `orca_signals` mode: the top-level fields it adds to vLLM's two named metrics, and
+#: whether streamed answers carry the report (vLLM attaches it to complete JSON answers only).
+MODES = {
+    "vllm": (set(), False),
+    "vllm-streams": (set(), True),
+    "cswrr": ({"application_utilization", "rps_fractional"}, True),
+    "cswrr-kv": ({"rps_fractional"}, True),
+}
+VLLM_NAMED = {"named_metrics.kv_cache_usage_perc", "named_metrics.num_requests_waiting"}
+
+
+async def test_each_orca_mode_sends_what_it_says_and_vllm_mode_only_what_vllm_sends():
+    assert set(MODES) == set(SIGNALS)
+    assert SimulatorConfig().orca_signals == "vllm"  # the default
+    seen = {}
+    async with running(max_num_seqs=4, **FULL) as (server, session):
+        await asyncio.gather(  # finished requests: a positive rps_fractional where it is sent
             *(complete(session, server.url, prompt="x", max_tokens=3) for _ in range(8))
         )
-        headers = {"endpoint-load-metrics-format": "TEXT"}
-        _, _, _, answer = await complete(session, server.url, headers, prompt="x", max_tokens=2)
-        _, _, _, as_json = await complete(
-            session, server.url, {"endpoint-load-metrics-format": "JSON"}, prompt="x", max_tokens=2
-        )
-    text, js = (
-        parse_orca_text(answer["endpoint-load-metrics"]),
-        parse_orca_json(as_json["endpoint-load-metrics"]),
-    )
-    for report in (text, js):
-        assert report.rps_fractional > 0  # Envoy's CS-WRR drops reports without it
-        assert report.application_utilization >= 0
-        assert "kv_cache_usage_perc" in report.named_metrics
+        for mode in MODES:
+            server.update({"orca_signals": mode})
+            text = {"endpoint-load-metrics-format": "TEXT"}
+            as_json = {"endpoint-load-metrics-format": "JSON"}
+            _, _, _, plain = await complete(session, server.url, text, prompt="x", max_tokens=2)
+            _, _, _, js = await complete(session, server.url, as_json, prompt="x", max_tokens=2)
+            wrong = await complete(session, server.url, text, model="other", prompt="x")
+            body = {"prompt": "x", "max_tokens": 2, "stream": True}
+            async with session.post(
+                f"{server.url}/v1/completions", json=body, headers=text
+            ) as resp:
+                await resp.read()
+                streamed = resp.headers.get("endpoint-load-metrics")
+            seen[mode] = (
+                plain["endpoint-load-metrics"],
+                js["endpoint-load-metrics"],
+                wrong[0],
+                "endpoint-load-metrics" in wrong[3],
+                streamed,
+            )
+    for mode, (fields, on_streams) in MODES.items():
+        text, js, wrong_status, error_has_report, streamed = seen[mode]
+        names = {entry.split("=")[0] for entry in text[len("TEXT ") :].split(", ")}
+        assert names == VLLM_NAMED | fields, mode
+        payload = json.loads(js[len("JSON ") :])
+        assert set(payload) == {"named_metrics"} | fields, mode
+        assert set(payload["named_metrics"]) == {n.split(".")[1] for n in VLLM_NAMED}
+        for report in (parse_orca_text(text), parse_orca_json(js)):  # and Envoy reads it
+            assert (report.rps_fractional > 0) == ("rps_fractional" in fields), mode
+        assert wrong_status == 404 and not error_has_report  # errors: never a report
+        assert (streamed is not None) == on_streams, mode
+        if on_streams:
+            assert {e.split("=")[0] for e in streamed[len("TEXT ") :].split(", ")} == names
 
 
 # --- load behaviour --------------------------------------------------------------------------
@@ -338,7 +382,7 @@ async def test_queue_and_kv_usage_rise_under_load_and_return_to_zero():
 
 
 async def test_latency_rises_with_load():
-    async with running(max_num_seqs=8) as (server, session):
+    async with running(max_num_seqs=8, **FULL) as (server, session):
         light = [
             (await complete(session, server.url, prompt="x", max_tokens=20))[2] for _ in range(3)
         ]
@@ -351,9 +395,11 @@ async def test_latency_rises_with_load():
     assert heavy_mean > 2 * light_mean, (light_mean, heavy_mean)
 
 
-async def test_admission_needs_prompt_plus_one_block_and_is_fifo():
-    # 4 blocks of 16 tokens; a 40-token prompt takes 3 blocks and needs a 4th free to start.
-    async with running(kv_cache_tokens=64) as (server, session):
+@pytest.mark.parametrize("model", ["realistic", "legacy"])
+async def test_admission_waits_for_cache_and_is_fifo(model: str):
+    # 4 blocks of 16 tokens; a 40-token prompt takes 3 blocks; the second finds 1 free, where
+    # the realistic model wants 3 for its first chunk and the legacy one 3 + 1.
+    async with running(kv_cache_tokens=64, engine_model=model, **FULL) as (server, session):
         first = asyncio.create_task(complete(session, server.url, prompt_tokens=40, max_tokens=8))
         await until(lambda: server.state.running == 1)
         second = asyncio.create_task(complete(session, server.url, prompt_tokens=40, max_tokens=8))
@@ -363,9 +409,11 @@ async def test_admission_needs_prompt_plus_one_block_and_is_fifo():
     assert [status for status, *_ in results] == [200, 200]
 
 
-async def test_preemption_frees_cache_and_every_request_still_finishes():
+@pytest.mark.parametrize("model", ["realistic", "legacy"])
+async def test_preemption_frees_cache_and_every_request_still_finishes(model: str):
     # 16 blocks; three requests start at 3 blocks each and would each grow to 9.
-    async with running(kv_cache_tokens=256, max_num_seqs=4) as (server, session):
+    overrides = {"kv_cache_tokens": 256, "max_num_seqs": 4, "engine_model": model, **FULL}
+    async with running(**overrides) as (server, session):
         load = [
             asyncio.create_task(complete(session, server.url, prompt_tokens=40, max_tokens=100))
             for _ in range(3)
@@ -404,17 +452,23 @@ async def test_full_queue_answers_503():
 async def test_slow_profile_is_slower_than_fast():
     timings = {}
     for profile in ("fast", "slow"):
-        async with running(SimulatorConfig.profile(profile, time_scale=0.5)) as (server, session):
+        config = SimulatorConfig.profile(profile, time_scale=0.5, **FULL)
+        async with running(config) as (server, session):
             runs = await asyncio.gather(
                 *(complete(session, server.url, prompt="x", max_tokens=20) for _ in range(4))
             )
             timings[profile] = sum(seconds for _, _, seconds, _ in runs) / len(runs)
     assert timings["slow"] > 1.4 * timings["fast"], timings  # ~2x by design
     assert SimulatorConfig.profile("slow").kv_cache_tokens < SimulatorConfig().kv_cache_tokens
+    # small: a quarter of fast's KV cache, most of its speed (faster than slow)
+    small, fast, slow = (SimulatorConfig.profile(name) for name in ("small", "fast", "slow"))
+    assert small.kv_cache_tokens * 4 == fast.kv_cache_tokens
+    assert fast.decode_step_base_s < small.decode_step_base_s < slow.decode_step_base_s
+    assert set(PROFILES) == {"fast", "slow", "small"}
 
 
 async def test_runtime_slowdown_and_profile_changes():
-    async with running() as (server, session):
+    async with running(**FULL) as (server, session):
 
         async def mean_latency() -> float:
             runs = [await complete(session, server.url, prompt="x", max_tokens=15) for _ in "abc"]
@@ -430,6 +484,8 @@ async def test_runtime_slowdown_and_profile_changes():
             rejected = resp.status
         async with session.post(url, json={"no_such_knob": 1}) as resp:
             unknown = resp.status
+        async with session.post(url, json={"engine_model": "legacy", "slowdown": 9}) as resp:
+            model_change = resp.status, (await resp.json())["error"]["message"]
         async with session.get(url) as resp:
             after = await resp.json()
         assert server.update({"max_num_seqs": 2}).max_num_seqs == 2  # the Python way
@@ -443,7 +499,10 @@ async def test_runtime_slowdown_and_profile_changes():
     assert changed["config"]["decode_step_base_s"] == 0.016
     assert changed["config"]["time_scale"] == 1.0  # not a hardware value: kept
     assert rejected == 400 and unknown == 400
+    assert model_change == (400, "engine_model cannot change while the server runs")
     assert after["slowdown"] == 1.0 and after["config"] == changed["config"]
+    assert after["config"]["engine_model"] == "realistic"
+    assert 0.95 <= after["speed_factor"] <= 1.05
 
 
 def test_config_validates_every_parameter():
@@ -456,9 +515,17 @@ def test_config_validates_every_parameter():
         {"max_waiting": True},
         {"model": ""},
         {"prefill_tokens_per_s": "fast"},
+        {"engine_model": "v2"},
+        {"orca_signals": "everything"},
+        {"speed_spread": 0.9},
+        {"step_jitter": -0.1},
+        {"output_median_fraction": 0},
+        {"max_num_seqs": 64, "max_num_batched_tokens": 32},  # vLLM refuses it too
     ):
         with pytest.raises(ValueError):
             SimulatorConfig(**bad)
+    # the token budget is the realistic model's: the legacy one has none to check
+    assert SimulatorConfig(engine_model="legacy", max_num_batched_tokens=32).max_num_seqs == 64
     with pytest.raises(ValueError):
         SimulatorConfig.profile("medium")
     with pytest.raises(ValueError):
@@ -470,7 +537,7 @@ def test_config_validates_every_parameter():
 
 async def test_metrics_use_vllm_names_per_server():
     async with running(model="m-a") as (a, session), running(model="m-b") as (b, _):
-        await asyncio.gather(
+        answers = await asyncio.gather(
             *(complete(session, a.url, prompt="p" * 40, max_tokens=5) for _ in range(3))
         )
         await complete(session, b.url, prompt="p" * 40, max_tokens=5)
@@ -479,13 +546,26 @@ async def test_metrics_use_vllm_names_per_server():
     def value(metrics: dict[tuple, float], name: str, model: str, **labels: str) -> float:
         return metrics[(name, tuple(sorted({"model_name": model, **labels}.items())))]
 
+    def finished(metrics: dict[tuple, float], model: str) -> float:
+        return sum(
+            value(metrics, "vllm:request_success_total", model, finished_reason=reason)
+            for reason in ("stop", "length")  # an answer shorter than max_tokens stopped
+        )
+
+    output = [body["usage"]["completion_tokens"] for _, body, *_ in answers]
+    assert all(1 <= tokens <= 5 for tokens in output)
+    reasons = [body["choices"][0]["finish_reason"] for _, body, *_ in answers]
+    assert reasons == ["length" if tokens == 5 else "stop" for tokens in output]
     assert value(metrics_a, "vllm:prompt_tokens_total", "m-a") == 3 * 10
-    assert value(metrics_a, "vllm:generation_tokens_total", "m-a") == 3 * 5
-    assert value(metrics_a, "vllm:request_success_total", "m-a", finished_reason="length") == 3
+    assert value(metrics_a, "vllm:generation_tokens_total", "m-a") == sum(output)
+    assert value(metrics_a, "vllm:request_success_total", "m-a", finished_reason="length") == sum(
+        tokens == 5 for tokens in output
+    )
+    assert finished(metrics_a, "m-a") == 3
     assert value(metrics_a, "vllm:e2e_request_latency_seconds_count", "m-a") == 3
     assert value(metrics_a, "vllm:time_to_first_token_seconds_count", "m-a") == 3
     assert value(metrics_a, "vllm:kv_cache_usage_perc", "m-a") == 0
-    assert value(metrics_b, "vllm:request_success_total", "m-b", finished_reason="length") == 1
+    assert finished(metrics_b, "m-b") == 1
     assert value(metrics_b, "vllm:num_requests_running", "m-b") == 0
 
 
@@ -497,8 +577,11 @@ def test_simulate_help_lists_every_parameter():
         [*CLI, "simulate", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "usage: xds-lab simulate" in result.stdout
-    for flag in ("--profile", "--count", "--kv-cache-tokens", "--time-scale", "--orca-rps"):
-        assert flag in result.stdout
+    described = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  -")]
+    parameters = [f"--{name.replace('_', '-')}" for name in SimulatorConfig.__dataclass_fields__]
+    for flag in ("--profile", "--count", *parameters):
+        assert described.count(flag) == 1, flag  # each declared once, each with its help
+    assert "{realistic,legacy}" in result.stdout and "small" in result.stdout
 
 
 def _bindable(port: int) -> bool:

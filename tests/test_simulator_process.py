@@ -30,9 +30,10 @@ async def test_servers_answer_report_state_and_take_changes() -> None:
         # Every parameter reached the child, not just the profile name.
         assert view["config"]["kv_cache_tokens"] == 1024 and view["config"]["max_num_seqs"] == 4
         await first.update(slowdown=2.5)
-        state = await first.state()
+        state, other = await first.state(), await fleet.servers[1].state()
         assert state.slowdown == 2.5 and state.running == 0 and state.waiting == 0
-        assert (await fleet.servers[1].state()).slowdown == 1.0
+        assert other.slowdown == 1.0
+        assert state.speed_factor != other.speed_factor  # servers of one process differ
         with pytest.raises(ValueError, match="slowdown"):
             await first.update(slowdown=-1)
         process = fleet._proc
@@ -56,7 +57,9 @@ def test_a_config_survives_the_command_line_round_trip() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     for config in (
-        SimulatorConfig.profile("slow", max_num_seqs=3, time_scale=0.5, orca_rps=True),
+        SimulatorConfig.profile("slow", max_num_seqs=3, time_scale=0.5, orca_signals="cswrr"),
         SimulatorConfig.profile("fast", model="qwen", kv_cache_tokens=2048),
+        SimulatorConfig.profile("small", engine_model="legacy", seed=9, step_jitter=0.0),
+        SimulatorConfig(decode_step_per_kv_token_s=1.5e-7, output_sigma=1.25, speed_spread=0.1),
     ):
         assert config_from_args(parser.parse_args(to_arguments(config))) == config

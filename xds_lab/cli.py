@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights: offered load as a fraction of the fleet's maximum throughput (default 0.5)",
     )
     demo.add_argument(
+        "--weighting",
+        choices=("orca", "static"),
+        default="orca",
+        help="weights: the pool's weighting; static is plain round robin, for comparison "
+        "(default orca)",
+    )
+    demo.add_argument(
         "--requests", type=int, default=300, help="edits: requests per phase (default 300)"
     )
 
@@ -77,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.scenario == "edits":
         demo = run_demo(requests_per_phase=args.requests)
     else:
-        demo = run_weights_demo(duration=args.duration, load=args.load)
+        demo = run_weights_demo(duration=args.duration, load=args.load, weighting=args.weighting)
     try:
         return asyncio.run(demo)
     except EnvoyNotFound as err:

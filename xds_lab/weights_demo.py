@@ -5,7 +5,8 @@ control plane. Envoy asks them for ORCA, reports it over LRS, and the weight eng
 pushes endpoint weights back over EDS. Open-loop traffic runs throughout; a third of
 the way in one fast server is slowed down (a noisy neighbour on its GPU), two thirds
 in it recovers. The live view shows, per server, its weight, the engine's state for
-it, KV cache, queue and the share of requests it answered.
+it, KV cache, queue and the share of requests it answered. `weighting="static"` runs the
+same minute over plain round robin, for comparison.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ FLEET_CAPACITY_RPS = 30.0
 ORCA = {"blackout": 2.0, "push_interval": 0.5, "expiry": 10.0}
 WINDOW_S = 5.0  # the share and latency columns cover this many seconds
 NOISY_SLOWDOWN = 3.0
+#: The pool's `weighting`: load-aware weights (the demo) or equal ones under round robin.
+WEIGHTINGS = {"orca": "weights from ORCA", "static": "round robin (weighting: static)"}
 
 
 @dataclass(slots=True)
@@ -97,8 +100,11 @@ def p50_p95(latencies: list[float]) -> tuple[str, str]:
 class WeightsDemo:
     """One run: owns its temp dir, simulators, control plane, Envoy and load."""
 
-    def __init__(self, workdir: Path, duration: float, load: float, out: TextIO) -> None:
+    def __init__(
+        self, workdir: Path, duration: float, load: float, out: TextIO, weighting: str = "orca"
+    ) -> None:
         self.duration = duration
+        self.weighting = weighting
         self.rate = load * FLEET_CAPACITY_RPS
         self.out = out
         self.live = out.isatty()
@@ -124,7 +130,7 @@ class WeightsDemo:
             {"address": "127.0.0.1", "port": s.sim.port, "zone": f"zone-{i % 2}"}
             for i, s in enumerate(self.servers)
         ]
-        pool = {"name": POOL, "weighting": "orca", "orca": ORCA, "endpoints": endpoints}
+        pool = {"name": POOL, "weighting": self.weighting, "orca": ORCA, "endpoints": endpoints}
         return one_pool_snapshot(self.listener_port, pool)
 
     async def stop(self) -> None:
@@ -203,13 +209,14 @@ class WeightsDemo:
         self.out.flush()
 
 
-def summary(phases: list[Phase], servers: list[Server]) -> str:
+def summary(phases: list[Phase], servers: list[Server], weighting: str = "orca") -> str:
     """Per phase: where the requests went and how long they took."""
     labels = [s.label for s in servers]
     head = (
         f"{'phase':<52} " + " ".join(f"{label:>7}" for label in labels) + "     p50     p95  errors"
     )
-    lines = ["share of answered requests per server, latency per phase:", head]
+    title = f"{WEIGHTINGS[weighting]}: share of answered requests per server, latency per phase:"
+    lines = [title, head]
     for phase in phases:
         share = shares(phase.outcomes, servers)
         latencies = [o.latency for o in phase.outcomes if o.status == OK]
@@ -225,16 +232,19 @@ def summary(phases: list[Phase], servers: list[Server]) -> str:
 
 
 async def run_weights_demo(
-    duration: float = 60.0, load: float = 0.5, out: TextIO = sys.stdout
+    duration: float = 60.0, load: float = 0.5, out: TextIO = sys.stdout, weighting: str = "orca"
 ) -> int:
-    """Raises EnvoyNotFound when the envoy binary is missing."""
+    """Raises EnvoyNotFound when the envoy binary is missing; ValueError on an unknown
+    `weighting` (WEIGHTINGS)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
     with tempfile.TemporaryDirectory(prefix="xds-demo-") as workdir:
-        demo = WeightsDemo(Path(workdir), duration, load, out)
+        demo = WeightsDemo(Path(workdir), duration, load, out, weighting)
         try:
             out.write("starting 4 simulated model servers, the control plane and a real Envoy\n")
             await demo.start()
             phases = await demo.run()
-            out.write("\n" + summary(phases, demo.servers) + "\n")
+            out.write("\n" + summary(phases, demo.servers, weighting) + "\n")
             return 0
         finally:
             await demo.stop()

@@ -15,6 +15,8 @@ from prometheus_client.registry import Collector
 
 from xds_lab.simulator.batching import Engine, Sequence
 
+__all__ = ["SimulatorMetrics"]
+
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

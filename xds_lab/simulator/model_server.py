@@ -8,7 +8,8 @@ Every answer names the server (`x-upstream`, `x-upstream-port`, as `upstream.Ups
 does) so a client behind Envoy can count who served it. A full waiting queue answers 503
 (vLLM itself has no queue bound; its proposals for one answer 503, which Envoy's retry and
 outlier detection treat as an overloaded host). A client that disconnects, mid-stream or
-while waiting, frees its sequence at once.
+while waiting, frees its sequence at once. Answers carry ORCA reports as `orca_signals` says
+(`orca`: by default exactly what vLLM sends).
 """
 
 from __future__ import annotations
@@ -35,22 +36,37 @@ from xds_lab.simulator.openai import (
     sse_error,
 )
 from xds_lab.simulator.options import SimulatorConfig
-from xds_lab.simulator.orca import orca_header
+from xds_lab.simulator.orca import on_streams, orca_header, utilization_fields
+
+__all__ = ["ModelServer", "start_servers"]
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response(error_body(status, message), status=status)
 
 
-class ModelServer(StartStop):
-    """One simulated vLLM server on host:port. Several may share one event loop."""
+def _slowdown(factor: Any) -> float:
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
+        raise ValueError(f"slowdown must be a positive number, got {factor!r}")
+    return float(factor)
 
-    def __init__(self, config: SimulatorConfig | None = None, name: str | None = None) -> None:
+
+class ModelServer(StartStop):
+    """One simulated vLLM server on host:port. Several may share one event loop.
+
+    Its random streams (realistic model) are seeded from `config.seed` and its `name`, or,
+    unnamed, its `replica` index: servers started from one config differ, and replay the same.
+    """
+
+    def __init__(
+        self, config: SimulatorConfig | None = None, name: str | None = None, replica: int = 0
+    ) -> None:
         self._config = config or SimulatorConfig()
         self._name = name
         self.host = "127.0.0.1"
         self.port = 0  # the real port once started
-        self._engine = Engine(self._config)
+        identity = f"name={name}" if name is not None else f"replica={replica}"
+        self._engine = Engine(self._config, identity)
         self._metrics = SimulatorMetrics(self._engine)
         self._runner: web.AppRunner | None = None
 
@@ -74,17 +90,16 @@ class ModelServer(StartStop):
 
     def set_slowdown(self, factor: float) -> None:
         """Stretch every simulated duration by `factor` (1 = normal, 3 = three times slower)."""
-        if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
-            raise ValueError(f"slowdown must be a positive number, got {factor!r}")
-        self._engine.slowdown = float(factor)
+        self._engine.slowdown = _slowdown(factor)
 
     def update(self, changes: dict[str, Any]) -> SimulatorConfig:
-        """Apply parameter overrides (and `"profile"`) from the next engine step on."""
+        """Apply parameter overrides (and `"profile"`) from the next engine step on;
+        ValueError, and no change, on a bad one or a change of `engine_model`."""
         self._apply(self._config.with_overrides(changes))
         return self._config
 
     def _apply(self, config: SimulatorConfig) -> None:
-        self._engine.config = config
+        self._engine.config = config  # refuses a change of engine model
         self._config = config
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -150,7 +165,7 @@ class ModelServer(StartStop):
                 return _error(seq.error.status, seq.error.message)
             self._metrics.observe(seq)
             body = api.start(self._config.model).full(
-                output_text(0, seq.generated), gen.prompt_tokens, seq.generated
+                output_text(0, seq.generated), gen.prompt_tokens, seq.generated, seq.finish_reason
             )
             return web.json_response(body, headers=self._orca(orca_format))
         finally:
@@ -164,12 +179,9 @@ class ModelServer(StartStop):
         seq: Sequence,
         orca_format: str | None,
     ) -> web.StreamResponse:
+        orca = self._orca(orca_format) if on_streams(self._config.orca_signals) else {}
         response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                **self._orca(orca_format),
-            }
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **orca}
         )
         await response.prepare(request)
         try:
@@ -181,7 +193,8 @@ class ModelServer(StartStop):
                 if seq.generated > sent:
                     last = seq.done.is_set() and seq.error is None
                     text = output_text(sent, seq.generated)
-                    await response.write(reply.chunk(text, sent == 0, "length" if last else None))
+                    reason = seq.finish_reason if last else None
+                    await response.write(reply.chunk(text, sent == 0, reason))
                     sent = seq.generated
             if seq.error is not None:
                 await response.write(sse_error(seq.error.status, seq.error.message))
@@ -205,10 +218,10 @@ class ModelServer(StartStop):
             "kv_cache_usage_perc": state.kv_cache_usage,
             "num_requests_waiting": float(state.waiting),
         }
-        utilization: dict[str, float] = {}
-        if self._config.orca_rps:
-            busy = (state.running + state.waiting) / self._config.max_num_seqs
-            utilization = {"application_utilization": busy, "rps_fractional": engine.finished_rps()}
+        occupancy = (state.running + state.waiting) / self._config.max_num_seqs
+        utilization = utilization_fields(
+            self._config.orca_signals, occupancy, engine.finished_rps()
+        )
         return orca_header(requested, named, utilization)
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -235,11 +248,12 @@ class ModelServer(StartStop):
                 raise ValueError("expected a JSON object of parameter overrides")
             slowdown = changes.pop("slowdown", None)
             config = self._config.with_overrides(changes)  # validate all before changing any
-            if slowdown is not None:
-                self.set_slowdown(slowdown)
+            factor = None if slowdown is None else _slowdown(slowdown)
+            self._apply(config)
         except (ValueError, UnicodeDecodeError) as err:
             return _error(400, str(err))
-        self._apply(config)
+        if factor is not None:
+            self._engine.slowdown = factor
         return web.json_response(self._profile_view())
 
     def _profile_view(self) -> dict[str, Any]:
@@ -248,6 +262,7 @@ class ModelServer(StartStop):
             "name": self.name,
             "config": self._config.as_dict(),
             "slowdown": state.slowdown,
+            "speed_factor": state.speed_factor,
             "state": {
                 "running": state.running,
                 "waiting": state.waiting,
@@ -259,11 +274,11 @@ class ModelServer(StartStop):
 async def start_servers(
     config: SimulatorConfig, host: str = "127.0.0.1", ports: Iterable[int] = (0,)
 ) -> list[ModelServer]:
-    """Start one server per port (0: ephemeral), all of them or none."""
+    """Start one server per port (0: ephemeral), all of them or none; the n-th is replica n."""
     started: list[ModelServer] = []
     try:
-        for port in ports:
-            server = ModelServer(config)
+        for replica, port in enumerate(ports):
+            server = ModelServer(config, replica=replica)
             await server.start(host, port)
             started.append(server)
     except BaseException:

@@ -15,6 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "DEFAULT_MAX_TOKENS",
+    "SSE_DONE",
+    "Api",
+    "BadRequest",
+    "GenerationRequest",
+    "Reply",
+    "count_text_tokens",
+    "error_body",
+    "output_text",
+    "sse_error",
+]
+
 DEFAULT_MAX_TOKENS = 128
 
 #: Output "tokens": four characters each, so a reply fed back as a prompt counts the same.
@@ -143,8 +158,10 @@ class Reply:
             "model": model,
         }
 
-    def full(self, text: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+    def full(
+        self, text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:

@@ -18,6 +18,8 @@ import aiohttp
 from xds_lab.lifecycle import StartStop
 from xds_lab.simulator.options import SimulatorConfig, to_arguments
 
+__all__ = ["RemoteSimulator", "RemoteState", "SimulatorProcess"]
+
 _START_TIMEOUT_S = 20.0
 
 
@@ -29,6 +31,7 @@ class RemoteState:
     waiting: int
     kv_cache_usage: float
     slowdown: float
+    speed_factor: float  # its speed relative to its profile (realistic model; legacy: 1.0)
 
 
 class RemoteSimulator:
@@ -48,7 +51,11 @@ class RemoteSimulator:
             view = await response.json()
         state = view["state"]
         return RemoteState(
-            state["running"], state["waiting"], state["kv_cache_usage"], view["slowdown"]
+            state["running"],
+            state["waiting"],
+            state["kv_cache_usage"],
+            view["slowdown"],
+            view["speed_factor"],
         )
 
     async def update(self, **changes: Any) -> None:

@@ -10,6 +10,8 @@ import sys
 from xds_lab.simulator.model_server import start_servers
 from xds_lab.simulator.options import config_from_args
 
+__all__ = ["run_simulate"]
+
 
 async def run_simulate(args: argparse.Namespace) -> int:
     """Start `args.count` servers from `args.port` on (all ephemeral when port is 0)."""
