@@ -74,7 +74,7 @@ def split(weights: list[float]) -> list[float]:
 starting_splits = st.lists(st.floats(0.01, 1.0), min_size=2, max_size=6).map(split)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(start=starting_splits, level=st.floats(0.05, 0.5), seed=st.integers(0, 2**16))
 def test_equal_flat_signals_converge_to_equal_shares(
     start: list[float], level: float, seed: int
@@ -86,10 +86,10 @@ def test_equal_flat_signals_converge_to_equal_shares(
     )
     even = [1 / len(start)] * len(start)
     for shares in history[8:]:
-        assert worst_error(shares, even) <= 0.25, (start, history)
+        assert worst_error(shares, even) <= 0.3, (start, history)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(
     capacities=st.lists(st.floats(5.0, 20.0), min_size=2, max_size=6),
     load=st.floats(0.1, 0.6),

@@ -19,11 +19,15 @@ latest pressure moved against its latest rate (either way: the pool may move tra
 - the pressure moved with the rate (elasticity >= 1/2): the estimate was right, the
   endpoint really is small; the probe ends and the endpoint is not probed again for
   `explore_cooldown` seconds;
-- it did not: the estimate only mirrored the traffic the endpoint was given. For
-  `explore_cooldown` seconds it is UNRESPONSIVE: weighted at the median capacity of the
-  endpoints whose estimates are not in doubt (of all of them, if every one is
-  unresponsive: equal signals, equal shares), as CS-WRR gives a host without a usable
-  weight the median one. By the end its traffic, and so its own estimate, is at that share;
+- it stayed put (|elasticity| < 1/4): the estimate only mirrored the traffic the endpoint
+  was given. For `explore_cooldown` seconds it is UNRESPONSIVE: weighted at the median
+  capacity of the endpoints whose estimates are not in doubt (of all of them, if every one
+  is unresponsive: equal signals, equal shares), as CS-WRR gives a host without a usable
+  weight the median one, but never below its own estimate when it was starved (a fast server
+  among slow ones) nor above it when it was overfed. By the end its traffic, and so its own
+  estimate, is at that share;
+- anything else (pressure moving against the traffic: noise) proves nothing: the estimate
+  stands, as after an elastic verdict;
 - its latest pressure rose by half (or by `explore_pressure`) from where the probe found
   it, or to the saturation exit level, or is no longer about the pool's typical pressure,
   at any time: the probe or the neutral weight ends and the cooldown starts (a signal that
@@ -64,6 +68,9 @@ _STARVED: Final = 0.9
 _MOVED: Final = math.log(1.15)
 #: Pressure change over rate change (in logs) from which the signal counts as following.
 _ELASTIC: Final = 0.5
+#: ... and below which (either way) it counts as flat; in between, or negative beyond,
+#: the probe proves nothing and the estimate stands.
+_FLAT: Final = 0.25
 #: Share of an overfed endpoint's traffic a probe takes away.
 _LESS: Final = 0.3
 #: Pressure differences below this are noise.
@@ -117,7 +124,7 @@ def explore(rows: list[Track], now: float, estimated: tuple[str, ...], p: Params
     for track, own in zip(weighed, per_static, strict=True):
         static = max(track.static_weight, 1)
         if track.deaf_until > now:
-            track.capacity = unit * static
+            track.capacity = _unresponsive(track, unit * static)
             track.state = UNRESPONSIVE
             continue
         if track.observed > track.probed_at:
@@ -126,11 +133,20 @@ def explore(rows: list[Track], now: float, estimated: tuple[str, ...], p: Params
             downward = downward and track.probe_rps is None
             if track.deaf_until > now:  # judged just now: weighted as such from this call
                 unit = unit or _median(per_static)
-                track.capacity = unit * static
+                track.capacity = _unresponsive(track, unit * static)
                 track.state = UNRESPONSIVE
                 continue
         if track.lift:
             track.state = PROBING
+
+
+def _unresponsive(track: Track, neutral: float) -> float:
+    """An unresponsive endpoint's capacity: the neutral one, but only in the direction its
+    probe went. A starved endpoint's own estimate is a floor (it mirrors the little traffic
+    it got; a fast server among slow ones must not fall to their median), an overfed one's a
+    ceiling."""
+    own = track.capacity or 0.0
+    return max(own, neutral) if track.probe_up else min(own, neutral)
 
 
 def _median(values: list[float]) -> float:
@@ -176,13 +192,16 @@ def _step(track: Track, now: float, fair: float, downward: bool, typical: float,
         if abs(moved) >= _MOVED:
             # No pressure at all says nothing either way: the utilization floor already
             # makes such an endpoint draw traffic, so its estimate stands.
-            elastic = (
-                not latest > 0.0 < track.probe_level
-                or math.log(latest / track.probe_level) / moved >= _ELASTIC
+            elasticity = (
+                math.log(latest / track.probe_level) / moved
+                if latest > 0.0 < track.probe_level
+                else _ELASTIC
             )
             _cool(track, now, p)
-            if not elastic and _level(latest, typical):  # it only mirrored its traffic
-                track.deaf_until = now + p.explore_cooldown
+            # Flat: pressure stayed put while traffic moved. Pressure moving the other way
+            # is noise (a batch's prompts, a preemption), which proves nothing either way.
+            if abs(elasticity) < _FLAT and _level(latest, typical):
+                track.deaf_until = now + p.explore_cooldown  # it only mirrored its traffic
         elif track.probe_reports >= 2 * _PATIENCE:
             _cool(track, now, p)  # the weight moved no traffic: nothing to learn here
         elif track.probe_reports == _PATIENCE:
@@ -208,6 +227,7 @@ def _step(track: Track, now: float, fair: float, downward: bool, typical: float,
     else:
         return
     track.probe_rps, track.probe_level, track.probe_reports = rps, latest, 0
+    track.probe_up = track.lift > 0.0
 
 
 def _cool(track: Track, now: float, p: Params) -> None:

@@ -67,6 +67,7 @@ class Track:
         "probe_level",
         "probe_reports",
         "probe_rps",
+        "probe_up",
         "probed_at",
         "published",
         "published_state",
@@ -116,6 +117,7 @@ class Track:
         self.probe_rps: float | None = None
         self.probe_level = 0.0
         self.probe_reports = 0
+        self.probe_up = True  # whether the probe (and an unresponsive verdict) went upwards
         self.probed_at = -math.inf
         self.deaf_until = -math.inf
         self.cooldown_until = -math.inf
