@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.weights_rig import explained, published, wait_until
 from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_lab.upstream import Upstream
 
@@ -45,12 +46,10 @@ class Rig:
         self.served: collections.Counter[int] = collections.Counter()
 
     def weights(self) -> dict[str, int]:
-        published = self.pair.plane.publisher.weights.get("llama")
-        return dict(published.endpoints) if published else {}
+        return published(self.pair.plane)
 
-    def explain(self) -> dict[str, object]:
-        published = self.pair.plane.publisher.weights.get("llama")
-        return {k: dict(v) for k, v in published.explain.items()} if published else {}
+    def explain(self) -> dict[str, dict[str, object]]:
+        return explained(self.pair.plane)
 
     async def load(self, workers: int, stop: asyncio.Event) -> None:
         async with aiohttp.ClientSession() as session:
@@ -66,12 +65,7 @@ class Rig:
             await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def wait_for(self, predicate, timeout: float, what: str) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if predicate():
-                return time.monotonic() - started
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{what} not reached in {timeout} s: {self.explain()}")
+        return await wait_until(self.pair.plane, predicate, timeout, what, poll=0.05)
 
     async def share_of(self, upstream: Upstream, seconds: float) -> float:
         self.served.clear()
@@ -113,7 +107,7 @@ async def test_a_recovered_server_with_the_same_signals_gets_a_third_again(rig: 
     try:
         victim.headers = orca(1.0, 20)
         await rig.wait_for(
-            lambda: rig.explain().get(key, {}).get("state") == "saturated",  # type: ignore[union-attr]
+            lambda: rig.explain().get(key, {}).get("state") == "saturated",
             timeout=20,
             what="the full server taken out of rotation",
         )

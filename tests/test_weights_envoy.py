@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.weights_rig import published, wait_until
 from xds_lab.envoy_rig import PlaneWithEnvoy, free_port, local_settings, one_pool_snapshot
 from xds_lab.simulator.model_server import ModelServer
 from xds_lab.simulator.options import SimulatorConfig
@@ -42,8 +43,7 @@ class Fleet:
         return f"127.0.0.1:{server.port}"
 
     def weights(self) -> dict[str, int]:
-        published = self.plane.publisher.weights.get("llama")
-        return dict(published.endpoints) if published else {}
+        return published(self.plane)
 
     async def load(self, workers: int, stop: asyncio.Event) -> None:
         """Closed-loop clients: each sends its next request when the last one is answered."""
@@ -63,14 +63,7 @@ class Fleet:
             await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def wait_for(self, predicate, timeout: float, what: str) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if predicate():
-                return time.monotonic() - started
-            await asyncio.sleep(0.1)
-        published = self.plane.publisher.weights.get("llama")
-        explain = {k: dict(v) for k, v in published.explain.items()} if published else {}
-        raise AssertionError(f"{what} not reached in {timeout} s; {self.weights()} {explain}")
+        return await wait_until(self.plane, predicate, timeout, what, poll=0.1)
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
-"""What the weight persistence and replica tests share: a two-endpoint load-weighted pool,
-load as LRS would bring it, and the weights and health the cache serves for it."""
+"""What the weight tests share: a two-endpoint load-weighted pool, load as LRS would bring it,
+the weights and health the cache serves for it, and a wait on the engine's published weights."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -14,6 +16,34 @@ from xds_server.app import ControlPlane
 from xds_server.xds import typeurls
 
 A, B = "127.0.0.1:9001", "127.0.0.1:9002"
+
+
+def published(plane: ControlPlane, pool: str = "llama") -> dict[str, int]:
+    """The weights the engine last published for the pool ({} before any)."""
+    weights = plane.publisher.weights.get(pool)
+    return dict(weights.endpoints) if weights else {}
+
+
+def explained(plane: ControlPlane, pool: str = "llama") -> dict[str, dict[str, object]]:
+    """Why each endpoint has its published weight (the policy's explanation)."""
+    weights = plane.publisher.weights.get(pool)
+    return {k: dict(v) for k, v in weights.explain.items()} if weights else {}
+
+
+async def wait_until(
+    plane: ControlPlane, predicate: Callable[[], bool], timeout: float, what: str, poll: float
+) -> float:
+    """Seconds until `predicate` holds; fails naming `what` with the pool's weights and why."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        await asyncio.sleep(poll)
+    raise AssertionError(
+        f"{what} not reached in {timeout} s; {published(plane)} {explained(plane)}"
+    )
+
+
 #: Weights that react at once: no blackout, no smoothing, pushes every 0.1 s.
 FAST = {"blackout": 0, "push_interval": 0.1, "ewma_alpha": 1.0, "hysteresis": 0, "expiry": 30}
 
