@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from xds_lab.envoy_process import EnvoyProcess
-from xds_lab.envoy_rig import converge, free_port, local_settings
+from xds_lab.envoy_rig import converge, free_port, local_settings, rejections
 from xds_lab.lifecycle import StartStop
 from xds_server.app import ControlPlane
 from xds_server.bootstrap import envoy_bootstrap
@@ -82,11 +82,9 @@ class PlaneWithEnvoys(StartStop):
 
     def rejections(self) -> list[str]:
         return [
-            f"{client.node_id} {url}: {status.last_nack.message}"
+            f"{self.node_id(index)} {nack}"
             for index in range(self.count)
-            for client in self.plane.registry.by_node(self.node_id(index))
-            for url, status in client.types.items()
-            if status.last_nack is not None
+            for nack in rejections(self.plane, self.node_id(index))
         ]
 
     async def host_weights(self) -> list[dict[str, Any]]:

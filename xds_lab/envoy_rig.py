@@ -114,6 +114,16 @@ def local_settings(snapshot: Path, **overrides: Any) -> Settings:
     return Settings(snapshot=snapshot, **{**base, **overrides})
 
 
+def rejections(plane: ControlPlane, node_id: str) -> list[str]:
+    """Each resource type a node's clients NACKed, with its error: "type_url: message"."""
+    return [
+        f"{url}: {status.last_nack.message}"
+        for client in plane.registry.by_node(node_id)
+        for url, status in client.types.items()
+        if status.last_nack is not None
+    ]
+
+
 class PlaneWithEnvoy(StartStop):
     """`plane` and `envoy` once started; `node_id` is the Envoy's node id.
 
@@ -150,12 +160,7 @@ class PlaneWithEnvoy(StartStop):
 
     def rejections(self) -> list[str]:
         """Each resource type the Envoy NACKed, with its error (e.g. a listener port in use)."""
-        return [
-            f"{url}: {status.last_nack.message}"
-            for client in self.plane.registry.by_node(self.node_id)
-            for url, status in client.types.items()
-            if status.last_nack is not None
-        ]
+        return rejections(self.plane, self.node_id)
 
     async def stop(self) -> None:
         if self.envoy is not None:
